@@ -1,0 +1,198 @@
+"""The broker interface: everything instances share, and the local fan-out both backends use.
+
+A broker holds each session's replayable event log (with its `seq` counter), the history used as
+model context, the generation lease (one reply per session at a time, cluster-wide), and the
+pub/sub that carries live events to sockets and control messages (`stop`) to the instance that
+owns a generation. `MemoryBroker` is the reference implementation; `RedisBroker` shares the same
+state between processes.
+
+Locally, each process fans events out to its sockets through a `Hub`: one subscription per socket,
+each a bounded queue, whatever the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION_QUEUE_ITEMS: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One logged conversation event. `frame` is its JSON text, encoded once for every socket."""
+
+    seq: int
+    data: dict[str, Any]
+    frame: str
+
+    @classmethod
+    def from_frame(cls, frame: str) -> Event:
+        data = json.loads(frame)
+        return cls(seq=data["seq"], data=data, frame=frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who is generating a reply in a session: the owning instance, the message replied to, and
+    a token unique to this holding (so a stale holder can never renew or release a newer one)."""
+
+    owner: str
+    msg_id: str
+    token: str
+
+
+class _Resync:
+    """Marker telling a subscription it may have missed events and should re-read the log."""
+
+
+RESYNC: Final = _Resync()
+
+Item = Event | str | _Resync
+
+
+class Subscription:
+    """A bounded inbox of one consumer (a socket) of one session's live events.
+
+    Overflow policy: when the queue is full the newest item is dropped and the subscriber is told
+    to resync; `Feed` then re-reads the missed events from the session log, so a slow consumer
+    costs memory only up to the bound and still loses nothing the log holds.
+    """
+
+    __slots__ = ("_queue", "_resync_pending", "session")
+
+    def __init__(self, session: str, maxsize: int = SUBSCRIPTION_QUEUE_ITEMS) -> None:
+        self.session = session
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
+        self._resync_pending = False
+
+    def push(self, item: Item) -> None:
+        """Deliver without waiting: the dispatcher must never block on one slow consumer."""
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._resync_pending = True
+
+    async def get(self) -> Item:
+        if self._resync_pending and self._queue.empty():
+            self._resync_pending = False
+            return RESYNC
+        return await self._queue.get()
+
+
+class Hub:
+    """This process's subscriptions, by session; dispatches each item to every local subscriber."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    def add(self, sub: Subscription) -> bool:
+        """Register `sub`; True when it is the first local subscriber of its session."""
+        subs = self._subscribers.setdefault(sub.session, set())
+        subs.add(sub)
+        return len(subs) == 1
+
+    def remove(self, sub: Subscription) -> bool:
+        """Unregister `sub`; True when it was the last local subscriber of its session."""
+        subs = self._subscribers.get(sub.session)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if subs:
+            return False
+        del self._subscribers[sub.session]
+        return True
+
+    def dispatch(self, session: str, item: Item) -> None:
+        for sub in self._subscribers.get(session, ()):
+            sub.push(item)
+
+    def resync_all(self) -> None:
+        """After a pub/sub outage every subscriber may have missed events."""
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.push(RESYNC)
+
+    def sessions(self) -> list[str]:
+        return list(self._subscribers)
+
+    def __len__(self) -> int:
+        return sum(len(subs) for subs in self._subscribers.values())
+
+
+ControlHandler = Callable[[dict[str, Any]], None]
+
+
+class Broker(Protocol):
+    """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`."""
+
+    kind: str
+
+    async def start(self, instance: str, on_control: ControlHandler) -> None:
+        """Connect, and deliver control messages sent to `instance` to `on_control`."""
+
+    async def close(self) -> None: ...
+
+    async def check(self) -> dict[str, Any]:
+        """Health for /readyz: {"ok": bool, ...details}. Never raises."""
+
+    # Sessions and their event log.
+
+    async def create_session(self, session: str) -> None: ...
+
+    async def last_seq(self, session: str) -> int | None:
+        """The session's last `seq` (0 when empty), or None when the session does not exist."""
+
+    async def append(self, session: str, event: dict[str, Any]) -> Event:
+        """Give `event` the next seq, log it, publish it to the session's subscribers."""
+
+    async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
+        """Atomically append `event` and release `lease`, if `lease` still holds the session.
+
+        False, appending nothing, when the lease was lost (another instance closed the reply).
+        """
+
+    async def replay(self, session: str, after: int) -> list[Event]:
+        """Logged events with seq > `after`, in order (the oldest may have been trimmed)."""
+
+    def subscribe(self, session: str) -> AbstractAsyncContextManager[Subscription]:
+        """Live events of `session` from the moment this returns (the subscription is active)."""
+
+    async def signal(self, instance: str, message: dict[str, Any]) -> None:
+        """Send a control message to one instance (at-most-once)."""
+
+    # Model context.
+
+    async def history(self, session: str) -> list[dict[str, str]]: ...
+
+    async def add_turn(self, session: str, role: str, content: str) -> None: ...
+
+    # One generation per session, cluster-wide.
+
+    async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool: ...
+
+    async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool: ...
+
+    async def release(self, session: str, lease: Lease) -> None: ...
+
+    async def lease(self, session: str) -> Lease | None: ...
+
+    async def claim_expired(self, claimant: str, ttl_s: float) -> list[tuple[str, Lease]]:
+        """Take over leases whose owner stopped renewing them (it died).
+
+        Each returned session is now leased to `claimant` with the dead lease's `msg_id`, so no
+        new message is accepted until the claimant has closed the orphaned reply and released.
+        """
+
+    # Tasks of the HTTP ask API (a reply addressed without a socket).
+
+    async def put_task(self, task: str, record: dict[str, Any]) -> None: ...
+
+    async def get_task(self, task: str) -> dict[str, Any] | None: ...

@@ -1,0 +1,181 @@
+"""The in-process broker: the default (no REDIS_URL) and the reference for every other backend.
+
+Everything lives in this process, so it serves exactly one instance. Sessions expire after
+`session_ttl_s` without activity, like their Redis twins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import encode, new_id
+from .base import ControlHandler, Event, Hub, Lease, Subscription
+
+
+@dataclass(slots=True)
+class _Session:
+    log: deque[Event]
+    history: deque[dict[str, str]]
+    seq: int = 0
+    touched: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Held:
+    lease: Lease
+    deadline: float
+
+
+class MemoryBroker:
+    kind = "memory"
+
+    def __init__(self, *, history_turns: int, log_max_events: int, session_ttl_s: float) -> None:
+        self._history_turns = history_turns
+        self._log_max = log_max_events
+        self._ttl_s = session_ttl_s
+        self._sessions: dict[str, _Session] = {}
+        self._leases: dict[str, _Held] = {}
+        self._tasks: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._control: dict[str, ControlHandler] = {}
+        self._hub = Hub()
+
+    async def start(self, instance: str, on_control: ControlHandler) -> None:
+        self._control[instance] = on_control
+
+    async def close(self) -> None:
+        self._control.clear()
+
+    async def check(self) -> dict[str, Any]:
+        return {"ok": True, "backend": self.kind, "sessions": len(self._sessions)}
+
+    async def create_session(self, session: str) -> None:
+        self._purge_expired()
+        self._sessions[session] = _Session(
+            log=deque(maxlen=self._log_max), history=deque(maxlen=2 * self._history_turns)
+        )
+
+    async def last_seq(self, session: str) -> int | None:
+        state = self._live(session)
+        return None if state is None else state.seq
+
+    async def append(self, session: str, event: dict[str, Any]) -> Event:
+        state = self._live(session)
+        if state is None:
+            # Expired while a client was still talking to it: start it again rather than fail.
+            await self.create_session(session)
+            state = self._sessions[session]
+        state.seq += 1
+        data = {"type": event["type"], "seq": state.seq, **event}
+        logged = Event(seq=state.seq, data=data, frame=encode(data))
+        state.log.append(logged)
+        self._hub.dispatch(session, logged)
+        return logged
+
+    async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
+        held = self._leases.get(session)
+        if held is None or held.lease != lease:
+            return False
+        del self._leases[session]
+        await self.append(session, event)
+        return True
+
+    async def replay(self, session: str, after: int) -> list[Event]:
+        state = self._live(session)
+        if state is None or after >= state.seq:
+            return []
+        return [event for event in state.log if event.seq > after]
+
+    @asynccontextmanager
+    async def subscribe(self, session: str) -> AsyncIterator[Subscription]:
+        sub = Subscription(session)
+        self._hub.add(sub)
+        try:
+            yield sub
+        finally:
+            self._hub.remove(sub)
+
+    async def signal(self, instance: str, message: dict[str, Any]) -> None:
+        handler = self._control.get(instance)
+        if handler is not None:
+            asyncio.get_running_loop().call_soon(handler, message)
+
+    async def history(self, session: str) -> list[dict[str, str]]:
+        state = self._live(session)
+        return [] if state is None else list(state.history)
+
+    async def add_turn(self, session: str, role: str, content: str) -> None:
+        state = self._live(session)
+        if state is not None:
+            state.history.append({"role": role, "content": content})
+
+    async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
+        held = self._leases.get(session)
+        now = time.monotonic()
+        if held is not None and held.deadline > now:
+            return False
+        if held is not None:
+            return False  # expired but not yet claimed: the sweeper closes the orphan first
+        self._leases[session] = _Held(lease, now + ttl_s)
+        return True
+
+    async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool:
+        held = self._leases.get(session)
+        if held is None or held.lease != lease or held.deadline <= time.monotonic():
+            return False
+        held.deadline = time.monotonic() + ttl_s
+        return True
+
+    async def release(self, session: str, lease: Lease) -> None:
+        held = self._leases.get(session)
+        if held is not None and held.lease == lease:
+            del self._leases[session]
+
+    async def lease(self, session: str) -> Lease | None:
+        held = self._leases.get(session)
+        return None if held is None else held.lease
+
+    async def claim_expired(self, claimant: str, ttl_s: float) -> list[tuple[str, Lease]]:
+        now = time.monotonic()
+        claimed = []
+        for session, held in list(self._leases.items()):
+            if held.deadline <= now:
+                taken = Lease(owner=claimant, msg_id=held.lease.msg_id, token=new_id())
+                self._leases[session] = _Held(taken, now + ttl_s)
+                claimed.append((session, taken))
+        self._purge_expired()
+        return claimed
+
+    async def put_task(self, task: str, record: dict[str, Any]) -> None:
+        self._tasks[task] = (time.monotonic() + self._ttl_s, record)
+
+    async def get_task(self, task: str) -> dict[str, Any] | None:
+        entry = self._tasks.get(task)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def _live(self, session: str) -> _Session | None:
+        state = self._sessions.get(session)
+        if state is None:
+            return None
+        now = time.monotonic()
+        if now - state.touched > self._ttl_s:
+            del self._sessions[session]
+            return None
+        state.touched = now
+        return state
+
+    def _purge_expired(self) -> None:
+        cutoff = time.monotonic() - self._ttl_s
+        for session in [s for s, state in self._sessions.items() if state.touched < cutoff]:
+            if session not in self._leases:
+                del self._sessions[session]
+        now = time.monotonic()
+        for task in [t for t, (deadline, _) in self._tasks.items() if deadline <= now]:
+            del self._tasks[task]

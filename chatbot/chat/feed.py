@@ -1,0 +1,68 @@
+"""A socket's view of a session: replay from the log, then live events, with no gap or duplicate.
+
+The order of operations is what makes resume exact: subscribe first, then read the log, then pass
+live events through, dropping any whose seq was already sent. A live event that skips ahead (pub/sub
+dropped something, the subscription overflowed, the broker reconnected) makes the feed re-read
+the log from its last seq, so what the log holds is never lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from ..broker import RESYNC, Broker, Event, Subscription
+
+
+class Feed:
+    """Iterate for frames (JSON text) to send to one socket, in order.
+
+    Besides session events it carries this socket's own frames (`push_local`), so one sender
+    writes everything and frames never interleave mid-write.
+    """
+
+    def __init__(self, broker: Broker, sub: Subscription, after: int) -> None:
+        self._broker = broker
+        self._sub = sub
+        self.last_seq = after
+        self._backlog: deque[Event] = deque()
+        self._replay_needed = True
+
+    def push_local(self, frame: str) -> None:
+        self._sub.push(frame)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._backlog:
+                event = self._backlog.popleft()
+                if event.seq > self.last_seq:
+                    self.last_seq = event.seq
+                    return event.frame
+                continue
+            if self._replay_needed:
+                self._replay_needed = False
+                self._backlog.extend(await self._broker.replay(self._sub.session, self.last_seq))
+                continue
+            item = await self._sub.get()
+            if isinstance(item, str):
+                return item
+            if item is RESYNC:
+                self._replay_needed = True
+            elif isinstance(item, Event) and item.seq > self.last_seq:
+                if item.seq == self.last_seq + 1:
+                    self.last_seq = item.seq
+                    return item.frame
+                # A gap: fetch it from the log. The log holds `item` too (events are logged
+                # before they are published); if it was trimmed meanwhile, `item` still follows.
+                self._backlog.extend(await self._broker.replay(self._sub.session, self.last_seq))
+                self._backlog.append(item)
+
+
+@asynccontextmanager
+async def open_feed(broker: Broker, session: str, after: int) -> AsyncIterator[Feed]:
+    async with broker.subscribe(session) as sub:
+        yield Feed(broker, sub, after)

@@ -1,0 +1,65 @@
+"""The service's exceptions: one small hierarchy, each carrying what a caller needs to report it."""
+
+from __future__ import annotations
+
+
+class ChatbotError(Exception):
+    """Base class of every error the service raises on purpose."""
+
+
+class SettingsError(ChatbotError):
+    """An environment variable has a value the service cannot use."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable} {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class ClientError(ChatbotError):
+    """Something a client sent or asked for that we refuse; becomes an `error` frame or a 4xx.
+
+    `code` is the stable slug clients match on; `message` is for people.
+    """
+
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ref = ref  # the client's message id, when the error is about one message
+        if code is not None:
+            self.code = code
+
+
+class FrameError(ClientError):
+    """A frame that is not valid protocol: not JSON, wrong shape, unknown type or field."""
+
+    code = "invalid_frame"
+
+
+class TooLong(ClientError):
+    code = "too_long"
+
+
+class Busy(ClientError):
+    """The session already has a reply streaming (on this or any other instance)."""
+
+    code = "busy"
+
+
+class UpstreamError(ChatbotError):
+    """The model service failed. `code` is a stable slug; `message` is safe to show a user.
+
+    `retryable` says whether sending the same message again later may succeed.
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class BrokerUnavailable(ChatbotError):
+    """The shared state backend (Redis) cannot be reached right now."""

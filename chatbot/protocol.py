@@ -1,0 +1,158 @@
+"""The WebSocket wire protocol: frame types, parsing of client frames, encoding of server frames.
+
+Everything that knows the JSON shape of a frame lives here; docs/protocol.md is its prose twin.
+Client frames are parsed and validated in one place (`parse_client_frame`); a bad frame raises a
+`ClientError` whose message says what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final, Literal
+
+from .errors import FrameError, TooLong
+
+MAX_CLIENT_ID_CHARS: Final = 64
+
+DoneReason = Literal["stop", "length", "cancelled", "error", "interrupted"]
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses (RFC 6455, section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """`{"type": "message", "id"?: str, "text": str}`: the user says something."""
+
+    text: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """`{"type": "stop"}`: stop the reply that is streaming in this session, if any."""
+
+
+ClientFrame = SendMessage | Stop
+
+_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "message": frozenset({"type", "id", "text"}),
+    "stop": frozenset({"type"}),
+}
+
+
+def parse_client_frame(raw: str | bytes, *, max_chars: int) -> ClientFrame:
+    """Parse one client frame or raise `FrameError`/`TooLong` saying what was wrong."""
+    if isinstance(raw, bytes):
+        raise FrameError(
+            "binary frames are not supported; send JSON text frames", code="unsupported_binary"
+        )
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise FrameError(
+            f"expected a JSON object, got text that is not JSON: {_preview(raw)}",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise FrameError(f"expected a JSON object, got {_json_kind(data)}")
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise FrameError(
+            f'expected "type" to be one of {sorted(_FIELDS)}, got {json.dumps(kind)[:40]}',
+            code="unknown_type",
+        )
+    unknown = set(data) - _FIELDS[kind]
+    if unknown:
+        raise FrameError(
+            f"unknown field(s) {sorted(unknown)} in a {kind!r} frame; "
+            f"allowed: {sorted(_FIELDS[kind])}"
+        )
+    if kind == "stop":
+        return Stop()
+    client_id = data.get("id")
+    if client_id is not None and (
+        not isinstance(client_id, str) or not 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
+    ):
+        raise FrameError(
+            f'expected "id" to be a string of 1-{MAX_CLIENT_ID_CHARS} characters, '
+            f"got {_json_kind(client_id)}"
+        )
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise FrameError(f'expected "text" to be a string, got {_json_kind(text)}', ref=client_id)
+    if not text.strip():
+        raise FrameError("the message text is empty", code="empty", ref=client_id)
+    if len(text) > max_chars:
+        raise TooLong(
+            f"the message has {len(text)} characters; the limit is {max_chars}", ref=client_id
+        )
+    return SendMessage(text=text, id=client_id)
+
+
+def new_id() -> str:
+    """An unguessable identifier (128 random bits, URL-safe) for sessions, messages, tasks."""
+    return secrets.token_urlsafe(16)
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Encode a server frame once; the text is shared by every socket that receives it."""
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def ready(session: str, seq: int, model: str, demo: bool) -> dict[str, Any]:
+    return {"type": "ready", "session": session, "seq": seq, "model": model, "demo": demo}
+
+
+def error(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
+    """A per-socket problem (no seq). `id` names the client's message it concerns, if any."""
+    frame = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        frame["id"] = ref
+    return frame
+
+
+# Conversation events. The broker adds "seq" when it appends them to the session log.
+
+
+def user_event(msg_id: str, text: str) -> dict[str, Any]:
+    return {"type": "user", "id": msg_id, "text": text}
+
+
+def delta_event(reply_to: str, text: str) -> dict[str, Any]:
+    return {"type": "delta", "reply_to": reply_to, "text": text}
+
+
+def done_event(reply_to: str, reason: DoneReason) -> dict[str, Any]:
+    return {"type": "done", "reply_to": reply_to, "reason": reason}
+
+
+def reply_error_event(reply_to: str, code: str, message: str) -> dict[str, Any]:
+    """The readable error of a failed reply; logged, so every socket and every resume sees it."""
+    return {"type": "error", "reply_to": reply_to, "code": code, "message": message}
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
+
+
+def _json_kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null/nothing"
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "a number"

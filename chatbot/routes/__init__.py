@@ -1,0 +1,1 @@
+"""Thin adapters from HTTP and WebSocket to the conversation logic in `chatbot.chat`."""

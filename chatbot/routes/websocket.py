@@ -1,0 +1,94 @@
+"""`/ws`: one chat socket. A reader and a sender task per socket, the first to end ends both."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+from quart import Blueprint, abort, websocket
+
+from .. import protocol
+from ..app import chat_service, settings
+from ..chat.feed import Feed
+from ..chat.service import ChatService
+from ..errors import BrokerUnavailable, ClientError
+from ..protocol import CloseCode
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("websocket", __name__)
+
+
+@blueprint.websocket("/ws")
+async def chat_socket() -> None:
+    config = settings()
+    origin = websocket.headers.get("Origin")
+    if not origin_allowed(origin, websocket.headers.get("Host"), config.allowed_origins):
+        log.warning("refused websocket from origin %r", origin)
+        abort(403)
+    after_arg = websocket.args.get("after")
+    if after_arg is not None and not (after_arg.isdigit() and len(after_arg) < 19):
+        log.info("refused websocket with after=%r", after_arg[:20])
+        abort(400)
+    service = chat_service()
+    try:
+        session, last = await service.open_session(websocket.args.get("session"))
+    except BrokerUnavailable:
+        abort(503)
+    # Without `after`, the socket starts live; `after` beyond the log's end means "from the end".
+    after = last if after_arg is None else min(int(after_arg), last)
+    await websocket.accept()
+    try:
+        await websocket.send(
+            protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
+        )
+        async with service.feed(session, after) as feed, asyncio.TaskGroup() as tasks:
+            tasks.create_task(_send_all(feed))
+            tasks.create_task(_receive_all(feed, service, session))
+    except asyncio.CancelledError:
+        raise  # the client went away; Quart cancels the handler
+    except Exception:
+        log.exception("websocket for session %s… failed", session[:6])
+        await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+
+async def _send_all(feed: Feed) -> None:
+    async for frame in feed:
+        await websocket.send(frame)
+
+
+async def _receive_all(feed: Feed, service: ChatService, session: str) -> None:
+    max_chars = settings().max_message_chars
+    while True:
+        raw = await websocket.receive()
+        try:
+            frame = protocol.parse_client_frame(raw, max_chars=max_chars)
+            if isinstance(frame, protocol.Stop):
+                await service.stop(session)
+            else:
+                await service.submit(session, frame.text, frame.id)
+        except ClientError as exc:
+            log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
+            feed.push_local(protocol.encode(protocol.error(exc.code, exc.message, exc.ref)))
+        except BrokerUnavailable:
+            log.warning("session %s…: broker unavailable, message refused", session[:6])
+            feed.push_local(
+                protocol.encode(
+                    protocol.error(
+                        "unavailable", "The service cannot accept messages right now; try again."
+                    )
+                )
+            )
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking guard. Browsers always send Origin; other clients may not.
+
+    Same-origin is always allowed; other origins only when listed in ALLOWED_ORIGINS (or "*").
+    """
+    if origin is None or "*" in allowed:
+        return True
+    if origin.rstrip("/") in allowed:
+        return True
+    return bool(host) and urlsplit(origin).netloc.lower() == str(host).lower()

@@ -1,0 +1,170 @@
+"""Every setting of the service, read once from the environment.
+
+This is the only module that names environment variables. `Settings.from_env()` validates each
+value and raises `SettingsError` naming the variable, so a typo fails at start-up, not at the
+first chat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import SettingsError
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "gpt-4.1-mini"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer concisely."
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Configuration of one chatbot process. Units are in the names."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_model: str = DEFAULT_MODEL
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    redis_url: str | None = field(default=None, repr=False)
+    allowed_origins: tuple[str, ...] = ()
+    max_message_chars: int = 4000
+    history_turns: int = 20
+    upstream_timeout_s: float = 60.0
+    ws_ping_interval_s: float = 20.0
+    ws_max_message_bytes: int = 64 * 1024
+    session_ttl_s: int = 24 * 3600
+    session_log_max_events: int = 5000
+    lease_ttl_s: float = 10.0
+    demo_word_delay_s: float = 0.06
+    log_level: str = "INFO"
+
+    @property
+    def demo(self) -> bool:
+        """No OpenAI key and no OpenAI-compatible server: the offline demo model answers."""
+        return not self.openai_api_key and not self.openai_base_url
+
+    @property
+    def lease_check_interval_s(self) -> float:
+        """How often instances look for generations whose owner died (bounded failover)."""
+        return max(0.05, self.lease_ttl_s / 4)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `environ` (default `os.environ`); `SettingsError` names a bad variable."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        d = cls()  # the defaults
+        settings = cls(
+            host=reader.get("HOST", str, d.host),
+            port=reader.get("PORT", _port, d.port),
+            openai_api_key=reader.get("OPENAI_API_KEY", str, None),
+            openai_base_url=reader.get("OPENAI_BASE_URL", _url(("http", "https")), None),
+            openai_model=reader.get("OPENAI_MODEL", str, d.openai_model),
+            system_prompt=reader.get("SYSTEM_PROMPT", str, d.system_prompt),
+            redis_url=reader.get("REDIS_URL", _url(("redis", "rediss", "memory")), None),
+            allowed_origins=reader.get("ALLOWED_ORIGINS", _origins, ()),
+            max_message_chars=reader.get("MAX_MESSAGE_CHARS", _positive(int), d.max_message_chars),
+            history_turns=reader.get("HISTORY_TURNS", _positive(int), d.history_turns),
+            upstream_timeout_s=reader.get(
+                "UPSTREAM_TIMEOUT_S", _positive(float), d.upstream_timeout_s
+            ),
+            ws_ping_interval_s=reader.get(
+                "WS_PING_INTERVAL_S", _positive(float), d.ws_ping_interval_s
+            ),
+            ws_max_message_bytes=reader.get(
+                "WS_MAX_MESSAGE_BYTES", _positive(int), d.ws_max_message_bytes
+            ),
+            session_ttl_s=reader.get("SESSION_TTL_S", _positive(int), d.session_ttl_s),
+            session_log_max_events=reader.get(
+                "SESSION_LOG_MAX_EVENTS", _positive(int), d.session_log_max_events
+            ),
+            lease_ttl_s=reader.get("GENERATION_LEASE_S", _positive(float), d.lease_ttl_s),
+            demo_word_delay_s=reader.get(
+                "DEMO_WORD_DELAY_S", _non_negative(float), d.demo_word_delay_s
+            ),
+            log_level=reader.get("LOG_LEVEL", _log_level, d.log_level),
+        )
+        if settings.max_message_chars * 4 > settings.ws_max_message_bytes:
+            raise SettingsError(
+                "WS_MAX_MESSAGE_BYTES",
+                f"must be at least 4 x MAX_MESSAGE_CHARS ({settings.max_message_chars * 4}) "
+                "so a message of the allowed length always fits in a frame",
+            )
+        return settings
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise SettingsError(name, f"{exc} (got {raw!r})") from None
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a TCP port, 1-65535")
+    return value
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not value > 0:  # type: ignore[operator]
+            raise ValueError("must be greater than 0")
+        return value
+
+    return parse
+
+
+def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if value < 0:  # type: ignore[operator]
+            raise ValueError("must not be negative")
+        return value
+
+    return parse
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        scheme, sep, rest = raw.partition("://")
+        if not sep or scheme.lower() not in schemes or (scheme != "memory" and not rest):
+            raise ValueError(
+                f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
+        return raw
+
+    return parse
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"each origin must be '*' or like https://example.com, not {origin!r}")
+    return origins
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
