@@ -1,0 +1,177 @@
+"""Real processes for end-to-end tests: chatbot servers, the fake OpenAI server, redis-server.
+
+Each starts on a free port, waits for its own readiness signal (with a deadline), keeps its output
+in a log file for failure reports, and can be killed (-9), terminated or restarted by the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_executable(name: str, *, package: str) -> str:
+    """The path of `name`; skip when missing, but fail under CI, where nothing may be skipped."""
+    path = shutil.which(name) or (name if os.path.exists(name) else None)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"port {port} did not open in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+class Process:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, **(env or {})}
+        self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without any chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+class ChatbotProcess(Process):
+    """`python -m chatbot serve` on 127.0.0.1:port with the given environment."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, name: str = "chatbot"):
+        self.port = port or free_port()
+        env = {"PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env}
+        super().__init__(name, [sys.executable, "-m", "chatbot", "serve"], env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> ChatbotProcess:
+        self.spawn()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:  # the port opens before before_serving completes
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"{self.name} not healthy:\n{self.output()[-3000:]}")
+
+
+class FakeOpenAIProcess(Process):
+    """`python -m chatbot.fake_openai` on a free port."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "chatbot.fake_openai", "--port", str(self.port), *args]
+        super().__init__("fake-openai", argv)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeOpenAIProcess:
+        self.spawn()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
+        return self
+
+
+class RedisProcess(Process):
+    """A throwaway redis-server that keeps nothing on disk; restartable on the same port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = require_executable("redis-server", package="redis-server")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="redis-")
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", self.dir]
+        super().__init__("redis", argv)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        self.spawn()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
+        return self
+
+    def restart(self) -> None:
+        """Kill and start again on the same port: every connection drops and all data is gone."""
+        self.kill()
+        self.start()
