@@ -84,10 +84,12 @@ class ChatService:
 
     async def submit(self, session: str, text: str, msg_id: str | None = None) -> Event:
         """Accept a user message and start its reply; raise `Busy` if one is already streaming."""
-        msg_id = msg_id or protocol.new_id()
-        lease = Lease(owner=self.instance, msg_id=msg_id, token=protocol.new_id())
+        lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
         if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
-            raise Busy("a reply is still streaming in this session; wait for it or send stop")
+            raise Busy(
+                "a reply is still streaming in this session; wait for it or send stop", ref=msg_id
+            )
+        msg_id = lease.msg_id
         try:
             await self.broker.add_turn(session, "user", text)
             accepted = await self.broker.append(session, protocol.user_event(msg_id, text))

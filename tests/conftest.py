@@ -1,0 +1,120 @@
+"""Shared fixtures: a real fake-OpenAI HTTP server and the real app, served in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from quart import Quart
+
+from chatbot.app import create_app
+from chatbot.fake_openai import FakeOpenAI
+from chatbot.settings import Settings
+
+RECEIVE_TIMEOUT_S = 5.0
+API_KEY = "sk-test-secret-key-that-must-never-leak"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    """A real OpenAI-compatible HTTP server; quick replies of 5 chunks unless a test says."""
+    async with FakeOpenAI(ttft_ms=0, chunks=5, interval_ms=5) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(fake: FakeOpenAI) -> Settings:
+    return Settings(
+        openai_base_url=fake.base_url,
+        openai_api_key=API_KEY,
+        openai_model="test-model",
+        lease_ttl_s=2.0,
+    )
+
+
+AppFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def app_with() -> Callable[..., Any]:
+    """`async with app_with(settings) as test_app:` runs the app's start-up and shutdown."""
+
+    @asynccontextmanager
+    async def run(settings: Settings) -> AsyncIterator[Quart]:
+        app = create_app(settings)
+        async with app.test_app() as test_app:
+            yield test_app  # type: ignore[misc]
+
+    return run
+
+
+@pytest.fixture
+async def app(app_with: AppFactory, settings: Settings) -> AsyncIterator[Quart]:
+    async with app_with(settings) as test_app:
+        yield test_app
+
+
+class Socket:
+    """A test WebSocket with receive timeouts and JSON helpers."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        await self.raw.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+
+    async def recv(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            return json.loads(await self.raw.receive())  # type: ignore[no-any-return]
+
+    async def until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = RECEIVE_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
+        """Frames up to and including the first that matches `predicate`."""
+        frames = []
+        async with asyncio.timeout(timeout_s):
+            while True:
+                frames.append(await self.recv(timeout_s))
+                if predicate(frames[-1]):
+                    return frames
+
+    async def until_done(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> list[dict[str, Any]]:
+        return await self.until(lambda f: f["type"] == "done", timeout_s)
+
+
+@pytest.fixture
+def connect(app: Quart) -> Callable[..., Any]:
+    """`async with connect(session=..., after=...) as (ws, ready):` a socket that got `ready`."""
+
+    @asynccontextmanager
+    async def open_socket(
+        session: str | None = None, after: int | None = None, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[tuple[Socket, dict[str, Any]]]:
+        query = {k: v for k, v in (("session", session), ("after", after)) if v is not None}
+        client = app.test_client()
+        async with client.websocket("/ws", query_string=query, headers=headers) as raw:
+            ws = Socket(raw)
+            ready = await ws.recv()
+            assert ready["type"] == "ready"
+            yield ws, ready
+
+    return open_socket
+
+
+def text_of(frames: list[dict[str, Any]], reply_to: str | None = None) -> str:
+    return "".join(
+        f["text"]
+        for f in frames
+        if f["type"] == "delta" and (reply_to is None or f["reply_to"] == reply_to)
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    """Wait for a condition that has no event to wait on (state in another component)."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.01)
