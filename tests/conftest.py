@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -111,10 +111,3 @@ def text_of(frames: list[dict[str, Any]], reply_to: str | None = None) -> str:
         for f in frames
         if f["type"] == "delta" and (reply_to is None or f["reply_to"] == reply_to)
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
-    """Wait for a condition that has no event to wait on (state in another component)."""
-    async with asyncio.timeout(timeout_s):
-        while not await check():
-            await asyncio.sleep(0.01)

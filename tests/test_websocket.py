@@ -1,4 +1,4 @@
-"""The /ws protocol end to end: the real app in-process, the real openai client, a real fake server."""
+"""The /ws protocol end to end: the real app in-process, the real openai client, the fake server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from quart.testing.connections import WebsocketResponseError
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
 from chatbot.settings import DEFAULT_SYSTEM_PROMPT
 
-from .conftest import Socket, eventually, text_of
+from .conftest import Socket, text_of
 
 
 def seqs(frames: list[dict]) -> list[int]:
@@ -132,7 +132,7 @@ async def test_reply_completes_when_every_socket_has_gone(connect, fake: FakeOpe
 
 async def test_stop_closes_the_upstream_stream_at_once(connect, fake: FakeOpenAI) -> None:
     fake.configure(chunks=200, interval_ms=50)
-    async with connect() as (ws, ready):
+    async with connect() as (ws, _):
         await ws.send({"type": "message", "id": "m", "text": "talk a lot"})
         frames = await ws.until(lambda f: f["type"] == "delta")
         await ws.send({"type": "stop"})
@@ -304,11 +304,8 @@ async def test_shutdown_closes_streaming_replies_as_interrupted(
     events = await broker.replay(ready["session"], 0)
     assert events[-1].data["type"] == "done"
     assert events[-1].data["reason"] == "interrupted"
-    await eventually(lambda: _ended(fake))
-
-
-async def _ended(fake: FakeOpenAI) -> bool:
-    return fake.requests[0]["status"] != "streaming"
+    record = await fake.wait_request(1, ended=True)
+    assert record["status"] == "aborted"
 
 
 async def test_concurrent_sessions_are_independent(connect) -> None:
