@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from quart import Quart
 
 from chatbot.app import create_app
 from chatbot.fake_openai import FakeOpenAI
 from chatbot.settings import Settings
+
+from .support.procs import RedisProcess
 
 RECEIVE_TIMEOUT_S = 5.0
 API_KEY = "sk-test-secret-key-that-must-never-leak"
@@ -26,14 +29,29 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-@pytest.fixture
-def settings(fake: FakeOpenAI) -> Settings:
-    return Settings(
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """One throwaway redis-server for the test run; tests flush what they need."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def settings(request: pytest.FixtureRequest, fake: FakeOpenAI) -> Settings:
+    """App settings against the fake upstream, once per broker backend."""
+    base = Settings(
         openai_base_url=fake.base_url,
         openai_api_key=API_KEY,
         openai_model="test-model",
         lease_ttl_s=2.0,
     )
+    if request.param == "memory":
+        return base
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    async with aioredis.from_url(server.url) as admin:
+        await admin.flushall()
+    return base.replace(redis_url=server.url)
 
 
 AppFactory = Callable[..., Any]

@@ -1,0 +1,48 @@
+"""The broker contract fixtures: every backend, started the way the app starts it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from chatbot.broker import Broker, open_broker
+from chatbot.settings import Settings
+
+from ..support.procs import RedisProcess
+from ..support.waiting import wait_until
+
+
+async def _ready(backend: Broker) -> bool:
+    return bool((await backend.check())["ok"])
+
+
+class Controls:
+    """Control messages an instance received, waitable."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.put_nowait(message)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    settings = Settings(history_turns=2, session_log_max_events=1000, redis_canary_interval_s=0.2)
+    if request.param == "redis":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        settings = settings.replace(redis_url=server.url)
+        import redis.asyncio as aioredis
+
+        async with aioredis.from_url(server.url) as admin:
+            await admin.flushall()
+    backend = open_broker(settings)
+    controls = Controls()
+    await backend.start("instance-a", controls)
+    backend.controls = controls  # type: ignore[attr-defined]
+    await wait_until(lambda: _ready(backend))
+    yield backend
+    await backend.close()

@@ -1,0 +1,122 @@
+"""What every broker backend promises; the same tests run against each one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from chatbot.broker import RESYNC, Broker, Event, Lease
+from chatbot.protocol import delta_event, done_event, user_event
+
+
+async def next_event(sub) -> Event:
+    async with asyncio.timeout(5):
+        while True:
+            item = await sub.get()
+            if isinstance(item, Event):
+                return item
+
+
+async def test_unknown_session_has_no_seq(broker: Broker) -> None:
+    assert await broker.last_seq("nope") is None
+    await broker.create_session("s")
+    assert await broker.last_seq("s") == 0
+
+
+async def test_append_numbers_events_and_replay_returns_them_in_order(broker: Broker) -> None:
+    await broker.create_session("s")
+    first = await broker.append("s", user_event("m", "hi <&> “quotes”"))
+    second = await broker.append("s", delta_event("m", "a\nb"))
+    assert (first.seq, second.seq) == (1, 2)
+    assert first.data == {"type": "user", "seq": 1, "id": "m", "text": "hi <&> “quotes”"}
+    assert await broker.last_seq("s") == 2
+    replayed = await broker.replay("s", 0)
+    assert [e.frame for e in replayed] == [first.frame, second.frame]
+    assert [e.data for e in await broker.replay("s", 1)] == [second.data]
+    assert await broker.replay("s", 2) == []
+
+
+async def test_subscribers_get_live_events_of_their_session_only(broker: Broker) -> None:
+    for s in ("s", "other"):
+        await broker.create_session(s)
+    async with broker.subscribe("s") as one, broker.subscribe("s") as two:
+        await broker.append("other", user_event("x", "not for you"))
+        appended = await broker.append("s", user_event("m", "hello"))
+        assert (await next_event(one)).frame == appended.frame
+        assert (await next_event(two)).frame == appended.frame
+
+
+async def test_finish_appends_only_while_the_lease_holds(broker: Broker) -> None:
+    await broker.create_session("s")
+    lease = Lease("instance-a", "m", "t1")
+    assert await broker.acquire("s", lease, 5)
+    assert not await broker.acquire("s", Lease("instance-b", "m2", "t2"), 5)
+    assert await broker.lease("s") == lease
+    assert await broker.renew("s", lease, 5)
+    assert await broker.finish("s", done_event("m", "stop"), lease)
+    assert await broker.lease("s") is None
+    assert not await broker.finish("s", done_event("m", "stop"), lease)
+    assert [e.data["type"] for e in await broker.replay("s", 0)] == ["done"]
+    assert await broker.acquire("s", Lease("instance-b", "m2", "t2"), 5)
+
+
+async def test_release_frees_the_session(broker: Broker) -> None:
+    lease = Lease("instance-a", "m", "t1")
+    assert await broker.acquire("s", lease, 5)
+    await broker.release("s", Lease("instance-a", "m", "someone else"))
+    assert await broker.lease("s") == lease
+    await broker.release("s", lease)
+    assert await broker.lease("s") is None
+
+
+async def test_an_expired_lease_blocks_until_claimed_then_belongs_to_the_claimant(
+    broker: Broker,
+) -> None:
+    await broker.create_session("s")
+    dead = Lease("instance-dead", "m", "t1")
+    assert await broker.acquire("s", dead, 0.05)
+    await asyncio.sleep(0.1)  # let the lease's deadline pass
+    assert not await broker.renew("s", dead, 5)
+    assert not await broker.acquire("s", Lease("instance-b", "m2", "t2"), 5)
+    claimed = await broker.claim_expired("instance-a", 5)
+    assert [(s, lease.owner, lease.msg_id) for s, lease in claimed] == [("s", "instance-a", "m")]
+    assert await broker.claim_expired("instance-b", 5) == []
+    assert not await broker.finish("s", done_event("m", "interrupted"), dead)
+    assert await broker.finish("s", done_event("m", "interrupted"), claimed[0][1])
+    assert await broker.acquire("s", Lease("instance-b", "m2", "t2"), 5)
+
+
+async def test_history_keeps_the_last_turns(broker: Broker) -> None:
+    await broker.create_session("s")
+    for n in range(6):
+        await broker.add_turn("s", "user" if n % 2 == 0 else "assistant", f"turn {n}")
+    assert await broker.history("s") == [
+        {"role": "user", "content": "turn 2"},
+        {"role": "assistant", "content": "turn 3"},
+        {"role": "user", "content": "turn 4"},
+        {"role": "assistant", "content": "turn 5"},
+    ]
+
+
+async def test_signal_reaches_the_instance(broker: Broker) -> None:
+    await broker.signal("instance-a", {"stop": "s", "msg_id": "m"})
+    async with asyncio.timeout(5):
+        message = await broker.controls.messages.get()  # type: ignore[attr-defined]
+    assert message == {"stop": "s", "msg_id": "m"}
+
+
+async def test_tasks_round_trip(broker: Broker) -> None:
+    assert await broker.get_task("t") is None
+    await broker.put_task("t", {"session": "s", "msg_id": "m", "seq": 3})
+    assert await broker.get_task("t") == {"session": "s", "msg_id": "m", "seq": 3}
+
+
+async def test_a_flooded_subscription_asks_for_resync_instead_of_growing(broker: Broker) -> None:
+    await broker.create_session("s")
+    async with broker.subscribe("s") as sub:
+        for n in range(600):
+            await broker.append("s", delta_event("m", str(n)))
+        items = []
+        async with asyncio.timeout(5):
+            while RESYNC not in items:
+                items.append(await sub.get())
+    assert len(items) <= 513
