@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     app = Quart(__name__, static_folder=str(WEB_DIR), static_url_path="/static")
     app.config["CHATBOT_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.ws_max_message_bytes
+    # Conditional requests (ETag) instead of Quart's 12 h cache, so a deploy reaches browsers now.
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None
 
     from .routes import http_api, websocket
 
@@ -38,6 +41,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         service = ChatService(settings, broker, model)
         await service.start()
         app.extensions["chat"] = service
+        app.extensions["closing"] = asyncio.Event()
         log.info(
             "chatbot instance %s serving: broker=%s model=%s%s",
             service.instance,
@@ -56,10 +60,32 @@ def create_app(settings: Settings | None = None) -> Quart:
     return app
 
 
+async def drain(app: Quart) -> None:
+    """Graceful restart, before the server stops: refuse new sockets and messages, let streaming
+    replies finish (up to SHUTDOWN_GRACE_S), and close every socket with 1012.
+
+    With a shared broker the sockets close at once: their clients resume on another instance and
+    see the rest of the reply arrive through it. With the in-process broker there is no other
+    instance, so the sockets stay open until their replies have ended.
+    """
+    service: ChatService = app.extensions["chat"]
+    closing: asyncio.Event = app.extensions["closing"]
+    if service.broker.kind != "memory":
+        closing.set()
+    await service.drain(service.settings.shutdown_grace_s)
+    closing.set()
+
+
 def chat_service() -> ChatService:
     """The running app's `ChatService`."""
     service: ChatService = current_app.extensions["chat"]
     return service
+
+
+def closing() -> asyncio.Event:
+    """Set when the app is shutting down: sockets close with 1012."""
+    event: asyncio.Event = current_app.extensions["closing"]
+    return event
 
 
 def settings() -> Settings:

@@ -48,22 +48,51 @@ def hypercorn_config(settings: Settings) -> Config:
     config.backlog = LISTEN_BACKLOG
     config.websocket_ping_interval = settings.ws_ping_interval_s
     config.websocket_max_message_size = settings.ws_max_message_bytes
-    config.graceful_timeout = 5.0
+    # Sockets are closed by `drain` before Hypercorn's own shutdown starts; what is left are its
+    # websocket ping loops, which sleep up to a ping interval after their socket has closed.
+    config.graceful_timeout = 1.0
     config.accesslog = None
     return config
 
 
 async def _serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then restart gracefully.
+
+    Hypercorn alone would leave websockets open until its graceful timeout and then drop them
+    (clients see 1006); `drain` first lets replies finish and closes every socket with 1012.
+    """
     from hypercorn.asyncio import serve
 
-    from .app import create_app
+    from .app import create_app, drain
 
+    app = create_app(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+
+    async def shutdown_trigger() -> None:
+        await stopping.wait()
+        log.info("shutting down: draining sockets and replies")
+        await drain(app)
+        loop.set_exception_handler(_quiet_cancelled_connections)
+
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    await serve(create_app(settings), hypercorn_config(settings), shutdown_trigger=stopping.wait)
+    await serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger)
+    log.info("stopped")
+
+
+def _quiet_cancelled_connections(
+    loop: asyncio.AbstractEventLoop, context: dict[str, object]
+) -> None:
+    """At shutdown Hypercorn cancels the connection tasks still open (its websocket ping loops
+    outlive their sockets by up to a ping interval). Python 3.11's `start_server` callback then
+    calls `task.exception()` on the cancelled task and reports the CancelledError as an error;
+    drop just that."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        log.debug("connection task cancelled at shutdown")
+        return
+    loop.default_exception_handler(context)
 
 
 def run(main: object) -> None:

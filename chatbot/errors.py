@@ -48,6 +48,12 @@ class Busy(ClientError):
     code = "busy"
 
 
+class Restarting(ClientError):
+    """This instance is shutting down; the client should reconnect (to another instance)."""
+
+    code = "restarting"
+
+
 class UpstreamError(ChatbotError):
     """The model service failed. `code` is a stable slug; `message` is safe to show a user.
 

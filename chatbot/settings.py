@@ -32,6 +32,9 @@ class Settings:
     openai_model: str = DEFAULT_MODEL
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     redis_url: str | None = field(default=None, repr=False)
+    redis_max_connections: int = 6
+    redis_timeout_s: float = 5.0
+    redis_canary_interval_s: float = 2.0
     allowed_origins: tuple[str, ...] = ()
     max_message_chars: int = 4000
     history_turns: int = 20
@@ -41,6 +44,7 @@ class Settings:
     session_ttl_s: int = 24 * 3600
     session_log_max_events: int = 5000
     lease_ttl_s: float = 10.0
+    shutdown_grace_s: float = 20.0
     demo_word_delay_s: float = 0.06
     log_level: str = "INFO"
 
@@ -71,6 +75,13 @@ class Settings:
             openai_model=reader.get("OPENAI_MODEL", str, d.openai_model),
             system_prompt=reader.get("SYSTEM_PROMPT", str, d.system_prompt),
             redis_url=reader.get("REDIS_URL", _url(("redis", "rediss", "memory")), None),
+            redis_max_connections=reader.get(
+                "REDIS_MAX_CONNECTIONS", _at_least(2), d.redis_max_connections
+            ),
+            redis_timeout_s=reader.get("REDIS_TIMEOUT_S", _positive(float), d.redis_timeout_s),
+            redis_canary_interval_s=reader.get(
+                "REDIS_CANARY_INTERVAL_S", _positive(float), d.redis_canary_interval_s
+            ),
             allowed_origins=reader.get("ALLOWED_ORIGINS", _origins, ()),
             max_message_chars=reader.get("MAX_MESSAGE_CHARS", _positive(int), d.max_message_chars),
             history_turns=reader.get("HISTORY_TURNS", _positive(int), d.history_turns),
@@ -88,6 +99,9 @@ class Settings:
                 "SESSION_LOG_MAX_EVENTS", _positive(int), d.session_log_max_events
             ),
             lease_ttl_s=reader.get("GENERATION_LEASE_S", _positive(float), d.lease_ttl_s),
+            shutdown_grace_s=reader.get(
+                "SHUTDOWN_GRACE_S", _non_negative(float), d.shutdown_grace_s
+            ),
             demo_word_delay_s=reader.get(
                 "DEMO_WORD_DELAY_S", _non_negative(float), d.demo_word_delay_s
             ),
@@ -128,6 +142,16 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         value = kind(raw)
         if not value > 0:  # type: ignore[operator]
             raise ValueError("must be greater than 0")
+        return value
+
+    return parse
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
         return value
 
     return parse

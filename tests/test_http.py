@@ -31,7 +31,7 @@ async def test_chat_reports_upstream_failure_as_502(app) -> None:
     assert "503" in body["error"]
 
 
-async def test_health_and_readiness(app) -> None:
+async def test_health_and_readiness(app, settings: Settings) -> None:
     client = app.test_client()
     health = await client.get("/healthz")
     assert health.status_code == 200
@@ -39,7 +39,7 @@ async def test_health_and_readiness(app) -> None:
     assert ready.status_code == 200
     body = await ready.get_json()
     assert body["status"] == "ready"
-    assert body["broker"]["backend"] == "memory"
+    assert body["broker"]["backend"] == ("redis" if settings.redis_url else "memory")
     assert body["demo"] is False
 
 
@@ -59,3 +59,9 @@ async def test_the_page_is_served(app) -> None:
     response = await app.test_client().get("/")
     assert response.status_code == 200
     assert response.content_type.startswith("text/html")
+
+
+async def test_the_page_is_revalidated_not_cached_for_hours(app) -> None:
+    response = await app.test_client().get("/")
+    assert "max-age" not in response.headers.get("Cache-Control", "")
+    assert response.headers.get("ETag")

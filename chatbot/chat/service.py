@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import protocol
 from ..broker import Broker, Event, Lease
-from ..errors import BrokerUnavailable, Busy, UpstreamError
+from ..errors import BrokerUnavailable, Busy, Restarting, UpstreamError
 from ..llm import ChatModel, Message
 from ..settings import Settings
 from .feed import Feed, open_feed
@@ -46,12 +46,21 @@ class ChatService:
         self.instance = secrets.token_hex(6)
         self._running: dict[str, _Generation] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     # Lifecycle.
 
     async def start(self) -> None:
         await self.broker.start(self.instance, self._on_control)
         self._spawn(self._sweep_orphans(), name="orphan-sweeper")
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new messages and wait, up to `grace_s`, for the replies still streaming."""
+        self.draining = True
+        replies = [g.task for g in self._running.values() if g.task is not None]
+        if replies:
+            log.info("draining: waiting up to %.0f s for %d replies", grace_s, len(replies))
+            await asyncio.wait(replies, timeout=grace_s)
 
     async def close(self) -> None:
         """Stop background work; replies still streaming end as `interrupted`."""
@@ -84,6 +93,8 @@ class ChatService:
 
     async def submit(self, session: str, text: str, msg_id: str | None = None) -> Event:
         """Accept a user message and start its reply; raise `Busy` if one is already streaming."""
+        if self.draining:
+            raise Restarting("the server is restarting; your message was not sent", ref=msg_id)
         lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
         if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
             raise Busy(

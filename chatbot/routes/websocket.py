@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 from quart import Blueprint, abort, websocket
 
 from .. import protocol
-from ..app import chat_service, settings
+from ..app import chat_service, closing, settings
 from ..chat.feed import Feed
 from ..chat.service import ChatService
 from ..errors import BrokerUnavailable, ClientError
@@ -32,6 +34,8 @@ async def chat_socket() -> None:
         log.info("refused websocket with after=%r", after_arg[:20])
         abort(400)
     service = chat_service()
+    if closing().is_set():
+        abort(503)  # restarting: the client reconnects, through the balancer, elsewhere
     try:
         session, last = await service.open_session(websocket.args.get("session"))
     except BrokerUnavailable:
@@ -43,14 +47,36 @@ async def chat_socket() -> None:
         await websocket.send(
             protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
         )
-        async with service.feed(session, after) as feed, asyncio.TaskGroup() as tasks:
-            tasks.create_task(_send_all(feed))
-            tasks.create_task(_receive_all(feed, service, session))
+        async with service.feed(session, after) as feed:
+            ended = await _first_to_end(
+                _send_all(feed), _receive_all(feed, service, session), _restart_signal()
+            )
+        if ended == 2:
+            await websocket.close(CloseCode.SERVICE_RESTART, "service restart")
     except asyncio.CancelledError:
         raise  # the client went away; Quart cancels the handler
     except Exception:
         log.exception("websocket for session %s… failed", session[:6])
         await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+
+async def _first_to_end(*jobs: Coroutine[Any, Any, None]) -> int:
+    """Run the socket's jobs together; when one ends, cancel the others. The index of the first
+    to end; its exception, if it raised one."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first = next(iter(done))
+    first.result()
+    return tasks.index(first)
+
+
+async def _restart_signal() -> None:
+    await closing().wait()
 
 
 async def _send_all(feed: Feed) -> None:
