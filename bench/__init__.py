@@ -1,0 +1,1 @@
+"""Benchmarks: the pre-migration Flask app (`bench.flask_app`) is the baseline."""
