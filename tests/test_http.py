@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from chatbot.fake_openai import FakeOpenAI, reply_text
 from chatbot.settings import Settings
 
@@ -65,3 +67,69 @@ async def test_the_page_is_revalidated_not_cached_for_hours(app) -> None:
     response = await app.test_client().get("/")
     assert "max-age" not in response.headers.get("Cache-Control", "")
     assert response.headers.get("ETag")
+
+
+async def test_ask_answers_202_at_once_and_the_task_reads_back_the_reply(
+    app, fake: FakeOpenAI
+) -> None:
+    fake.configure(chunks=6, interval_ms=20)
+    client = app.test_client()
+    accepted = await client.post("/api/ask", json={"message": "by http"})
+    assert accepted.status_code == 202
+    body = await accepted.get_json()
+    assert set(body) == {"task", "session"}
+    reply, statuses = await poll_task(client, body["task"])
+    assert reply == {"status": "done", "response": reply_text("by http", 6), "reason": "stop"}
+    assert statuses <= {"queued", "running", "done"}
+
+
+async def test_ask_rides_on_the_session_a_socket_watches(app, fake: FakeOpenAI) -> None:
+    client = app.test_client()
+    async with client.websocket("/ws") as raw:
+        ws = Socket(raw)
+        session = (await ws.recv())["session"]
+        accepted = await client.post("/api/ask", json={"message": "hi", "session": session})
+        assert (await accepted.get_json())["session"] == session
+        frames = await ws.until_done()
+        busy = await client.post("/api/ask", json={"message": "again", "session": session})
+    assert frames[0]["type"] == "user" and frames[0]["text"] == "hi"
+    assert "".join(f["text"] for f in frames if f["type"] == "delta") == reply_text("hi", 5)
+    assert busy.status_code == 202  # the first reply is done, so the session is free
+
+
+async def test_ask_is_busy_while_the_session_streams(app, fake: FakeOpenAI) -> None:
+    fake.configure(chunks=50, interval_ms=20)
+    client = app.test_client()
+    first = await (await client.post("/api/ask", json={"message": "long"})).get_json()
+    second = await client.post("/api/ask", json={"message": "x", "session": first["session"]})
+    assert second.status_code == 409
+    assert "error" in await second.get_json()
+
+
+async def test_ask_reports_upstream_errors_in_the_task(app) -> None:
+    client = app.test_client()
+    accepted = await client.post("/api/ask", json={"message": "[[fake:status=500]] x"})
+    reply, _ = await poll_task(client, (await accepted.get_json())["task"])
+    assert reply["status"] == "error"
+    assert "500" in reply["error"]
+
+
+async def test_ask_refuses_bad_input_and_unknown_tasks(app) -> None:
+    client = app.test_client()
+    assert (await client.post("/api/ask", json={})).status_code == 400
+    assert (await client.post("/api/ask", json={"message": "x" * 5000})).status_code == 400
+    bad_session = await client.post("/api/ask", json={"message": "x", "session": 5})
+    assert bad_session.status_code == 400
+    assert (await client.get("/api/tasks/nope")).status_code == 404
+
+
+async def poll_task(client, task: str) -> tuple[dict, set[str]]:
+    """Poll a task as an HTTP client of the ask API does, until it has finished."""
+    statuses = set()
+    async with asyncio.timeout(5):
+        while True:
+            reply = await (await client.get(f"/api/tasks/{task}")).get_json()
+            statuses.add(reply["status"])
+            if reply["status"] in ("done", "error"):
+                return reply, statuses
+            await asyncio.sleep(0.01)

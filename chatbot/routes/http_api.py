@@ -8,7 +8,8 @@ from typing import Any
 from quart import Blueprint, Response, request, send_from_directory
 
 from ..app import WEB_DIR, chat_service, settings
-from ..errors import UpstreamError
+from ..chat.tasks import start_task, task_status
+from ..errors import BrokerUnavailable, Busy, Restarting, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,46 @@ async def chat() -> JsonReply:
 
     The contract of the Flask app this service replaced, kept for its clients.
     """
-    message = await _message_field()
-    if not message or not message.strip():
-        return {"error": "Message is required"}, 400
-    limit = settings().max_message_chars
-    if len(message) > limit:
-        return {"error": f"Message is too long ({len(message)} characters; limit {limit})"}, 400
+    message, refusal = await _message()
+    if refusal is not None:
+        return refusal
     try:
         return {"response": await chat_service().complete(message)}, 200
     except UpstreamError as exc:
         log.warning("POST /chat failed upstream: %s", exc.code)
         return {"error": exc.message}, 502
+
+
+@blueprint.post("/api/ask")
+async def ask() -> JsonReply:
+    """`{"message", "session"?}` -> 202 `{"task", "session"}` at once; the reply streams into the
+    session (sockets on it see it) and `GET /api/tasks/ID` reads it back from any instance."""
+    message, refusal = await _message()
+    if refusal is not None:
+        return refusal
+    data = await request.get_json(silent=True)
+    session = data.get("session") if isinstance(data, dict) else None
+    if session is not None and not isinstance(session, str):
+        return {"error": "session must be a string"}, 400
+    try:
+        return await start_task(chat_service(), session, message), 202
+    except Busy as exc:
+        return {"error": exc.message}, 409
+    except Restarting as exc:
+        return {"error": exc.message}, 503
+    except BrokerUnavailable:
+        return {"error": "The service cannot accept messages right now; try again."}, 503
+
+
+@blueprint.get("/api/tasks/<task>")
+async def task(task: str) -> JsonReply:
+    try:
+        status = await task_status(chat_service().broker, task)
+    except BrokerUnavailable:
+        return {"error": "The service cannot read tasks right now; try again."}, 503
+    if status is None:
+        return {"error": "No such task (it may have expired)."}, 404
+    return status, 200
 
 
 @blueprint.get("/healthz")
@@ -64,10 +94,20 @@ async def readyz() -> JsonReply:
     return body, 200 if ready else 503
 
 
-async def _message_field() -> str | None:
+async def _message() -> tuple[str, JsonReply | None]:
+    """The request's `message` (JSON or form field), or the 400 that refuses it."""
     data = await request.get_json(silent=True)
     if isinstance(data, dict):
         value = data.get("message")
-        return value if isinstance(value, str) else None
-    form = await request.form
-    return form.get("message")
+        message = value if isinstance(value, str) else None
+    else:
+        message = (await request.form).get("message")
+    if not message or not message.strip():
+        return "", ({"error": "Message is required"}, 400)
+    limit = settings().max_message_chars
+    if len(message) > limit:
+        return "", (
+            {"error": f"Message is too long ({len(message)} characters; limit {limit})"},
+            400,
+        )
+    return message, None

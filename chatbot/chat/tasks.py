@@ -1,0 +1,54 @@
+"""Replies addressed without a socket (the HTTP ask API): a task is a pointer into the session log.
+
+A task record names the session, the user message and its seq; its status and text so far are
+read back from the session log, so any instance answers, and a socket on the same session sees
+the very same reply stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from .. import protocol
+from ..broker import Broker
+from .service import ChatService
+
+Status = Literal["queued", "running", "done", "error"]
+
+
+async def start_task(service: ChatService, session: str | None, text: str) -> dict[str, str]:
+    """Accept `text` in `session` (a new session when None or unknown); `{"task", "session"}`.
+
+    Raises what `ChatService.submit` raises (`Busy`, `Restarting`, `BrokerUnavailable`).
+    """
+    session, _ = await service.open_session(session)
+    accepted = await service.submit(session, text)
+    task = protocol.new_id()
+    record = {"session": session, "msg_id": accepted.data["id"], "seq": accepted.seq}
+    await service.broker.put_task(task, record)
+    return {"task": task, "session": session}
+
+
+async def task_status(broker: Broker, task: str) -> dict[str, Any] | None:
+    """`{"status", "response"}` (plus `"error"` when it failed), or None for an unknown task."""
+    record = await broker.get_task(task)
+    if record is None:
+        return None
+    status: Status = "queued"
+    parts: list[str] = []
+    result: dict[str, Any] = {}
+    for event in await broker.replay(record["session"], record["seq"]):
+        data = event.data
+        if data.get("reply_to") != record["msg_id"]:
+            continue
+        if data["type"] == "delta":
+            status = "running"
+            parts.append(data["text"])
+        elif data["type"] == "error":
+            result["error"] = data["message"]
+        elif data["type"] == "done":
+            status = "done" if data["reason"] in ("stop", "length", "cancelled") else "error"
+            result["reason"] = data["reason"]
+            if data["reason"] == "interrupted":
+                result.setdefault("error", "The reply was interrupted; ask again.")
+    return {"status": status, "response": "".join(parts), **result}
