@@ -8,11 +8,18 @@ the log from its last seq, so what the log holds is never lost.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..broker import RESYNC, Broker, Event, Subscription
+from ..errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+REPLAY_RETRY_S = (0.05, 2.0)  # first and longest wait between replay attempts in an outage
 
 
 class Feed:
@@ -44,8 +51,8 @@ class Feed:
                     return event.frame
                 continue
             if self._replay_needed:
+                self._backlog.extend(await self._replay())
                 self._replay_needed = False
-                self._backlog.extend(await self._broker.replay(self._sub.session, self.last_seq))
                 continue
             item = await self._sub.get()
             if isinstance(item, str):
@@ -58,8 +65,20 @@ class Feed:
                     return item.frame
                 # A gap: fetch it from the log. The log holds `item` too (events are logged
                 # before they are published); if it was trimmed meanwhile, `item` still follows.
-                self._backlog.extend(await self._broker.replay(self._sub.session, self.last_seq))
+                self._backlog.extend(await self._replay())
                 self._backlog.append(item)
+
+    async def _replay(self) -> list[Event]:
+        """The log after `last_seq`. While the broker is down the socket stays open and waits:
+        the replay is retried with backoff until the broker answers again."""
+        delay = REPLAY_RETRY_S[0]
+        while True:
+            try:
+                return await self._broker.replay(self._sub.session, self.last_seq)
+            except BrokerUnavailable:
+                log.warning("replay for session %s… waits for the broker", self._sub.session[:6])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REPLAY_RETRY_S[1])
 
 
 @asynccontextmanager

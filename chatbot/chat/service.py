@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from .. import protocol
 from ..broker import Broker, Event, Lease
@@ -25,6 +26,9 @@ from .feed import Feed, open_feed
 log = logging.getLogger(__name__)
 
 SHUTDOWN_WAIT_S = 5.0
+OUTAGE_RETRY_S = (0.05, 1.0)  # first and longest wait between broker retries during an outage
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -144,7 +148,8 @@ class ChatService:
             async with self.model.stream(self._context(history)) as reply:
                 async for piece in reply:
                     gen.text.append(piece)
-                    await self.broker.append(session, protocol.delta_event(msg_id, piece))
+                    delta = protocol.delta_event(msg_id, piece)
+                    await self._outlast(partial(self.broker.append, session, delta))
             reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
@@ -181,20 +186,36 @@ class ChatService:
         same broker operation: a client that sends its next message on seeing `done` must never
         be told `busy`."""
         self._running.pop(gen.session, None)
+        done = protocol.done_event(gen.lease.msg_id, reason)
         try:
             if gen.text and reason != "error":
-                await self.broker.add_turn(gen.session, "assistant", "".join(gen.text))
-            await self.broker.finish(
-                gen.session, protocol.done_event(gen.lease.msg_id, reason), gen.lease
-            )
+                text = "".join(gen.text)
+                await self._outlast(partial(self.broker.add_turn, gen.session, "assistant", text))
+            await self._outlast(partial(self.broker.finish, gen.session, done, gen.lease))
         except BrokerUnavailable:
             log.error("could not close reply %s; the lease will expire", gen.lease.msg_id[:8])
 
     async def _append_quietly(self, session: str, event: dict[str, Any]) -> None:
         try:
-            await self.broker.append(session, event)
+            await self._outlast(partial(self.broker.append, session, event))
         except BrokerUnavailable:
             log.error("could not record a reply error in session %s…", session[:6])
+
+    async def _outlast(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A broker call that rides out a short outage (a Redis restart, a network blip) for up to
+        one lease TTL. Longer, and the lease has lapsed anyway: the orphan sweep closes the reply.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lease_ttl_s
+        delay = OUTAGE_RETRY_S[0]
+        while True:
+            try:
+                return await call()
+            except BrokerUnavailable:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, OUTAGE_RETRY_S[1])
 
     async def _keep_lease(self, gen: _Generation) -> None:
         ttl = self.settings.lease_ttl_s

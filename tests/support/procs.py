@@ -151,14 +151,20 @@ class FakeOpenAIProcess(Process):
 
 
 class RedisProcess(Process):
-    """A throwaway redis-server that keeps nothing on disk; restartable on the same port."""
+    """A throwaway redis-server, restartable on the same port.
 
-    def __init__(self, port: int | None = None) -> None:
+    `durable` keeps an fsync-always append-only file, like a production Redis that survives a
+    restart with its data; otherwise it keeps nothing on disk.
+    """
+
+    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
         binary = require_executable("redis-server", package="redis-server")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-")
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", self.dir]
+        argv += ["--dir", self.dir, "--appendonly", "yes" if durable else "no"]
+        if durable:
+            argv += ["--appendfsync", "always"]
         super().__init__("redis", argv)
 
     @property
@@ -175,3 +181,30 @@ class RedisProcess(Process):
         """Kill and start again on the same port: every connection drops and all data is gone."""
         self.kill()
         self.start()
+
+
+class HAProxyProcess(Process):
+    """HAProxy running the shipped config (docs/deploy/haproxy.cfg) in front of the instances."""
+
+    CONFIG = ROOT / "docs" / "deploy" / "haproxy.cfg"
+
+    def __init__(self, backends: list[int]) -> None:
+        binary = require_executable("haproxy", package="haproxy")
+        self.port = free_port()
+        env = {"CHATBOT_LB": f"127.0.0.1:{self.port}"}
+        env |= {f"CHATBOT_{n}": f"127.0.0.1:{port}" for n, port in enumerate(backends, 1)}
+        super().__init__("haproxy", [binary, "-db", "-f", str(self.CONFIG)], env)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HAProxyProcess:
+        self.spawn()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
+        return self
