@@ -48,6 +48,12 @@ class Busy(ClientError):
     code = "busy"
 
 
+class SessionExpired(ClientError):
+    """The session was idle past SESSION_TTL_S (or its store lost it); start a new one."""
+
+    code = "session_expired"
+
+
 class Restarting(ClientError):
     """This instance is shutting down; the client should reconnect (to another instance)."""
 

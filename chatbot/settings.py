@@ -107,11 +107,13 @@ class Settings:
             ),
             log_level=reader.get("LOG_LEVEL", _log_level, d.log_level),
         )
-        if settings.max_message_chars * 4 > settings.ws_max_message_bytes:
+        # JSON-escaped, one character can take 12 bytes (two \uXXXX escapes), plus the envelope.
+        needed = settings.max_message_chars * 12 + 256
+        if needed > settings.ws_max_message_bytes:
             raise SettingsError(
                 "WS_MAX_MESSAGE_BYTES",
-                f"must be at least 4 x MAX_MESSAGE_CHARS ({settings.max_message_chars * 4}) "
-                "so a message of the allowed length always fits in a frame",
+                f"must be at least 12 x MAX_MESSAGE_CHARS + 256 ({needed}) so a message of the "
+                "allowed length always fits in a frame, however the client escapes it",
             )
         return settings
 

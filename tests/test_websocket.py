@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from quart.testing.connections import WebsocketResponseError
+from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
 from chatbot.settings import DEFAULT_SYSTEM_PROMPT
@@ -281,11 +281,45 @@ async def test_same_origin_and_listed_origins_are_allowed(app_with, settings) ->
                 assert (await Socket(raw).recv())["type"] == "ready"
 
 
-async def test_bad_after_is_refused_with_400(app) -> None:
+@pytest.mark.parametrize("after", ["-1", "x", "²", "1" * 30])
+async def test_bad_after_is_refused_with_400(app, after: str) -> None:
     with pytest.raises(WebsocketResponseError) as refused:
-        async with app.test_client().websocket("/ws", query_string={"after": "-1"}):
+        async with app.test_client().websocket("/ws", query_string={"after": after}):
             pass
     assert refused.value.response.status_code == 400
+
+
+async def test_stop_works_whatever_the_message_id_holds(connect, fake: FakeOpenAI) -> None:
+    fake.configure(chunks=200, interval_ms=50)
+    async with connect() as (ws, _):
+        await ws.send({"type": "message", "id": "a|b|c", "text": "talk"})
+        await ws.until(lambda f: f["type"] == "delta")
+        await ws.send({"type": "stop"})
+        frames = await ws.until_done()
+    assert frames[-1] == {"type": "done", "seq": frames[-1]["seq"], "reply_to": "a|b|c",
+                          "reason": "cancelled"}  # fmt: skip
+
+
+async def test_a_message_to_an_expired_session_says_so_and_closes(app_with, settings) -> None:
+    async with app_with(settings.replace(session_ttl_s=1)) as app:
+        client = app.test_client()
+        async with client.websocket("/ws") as raw:
+            ws = Socket(raw)
+            ready = await ws.recv()
+            await asyncio.sleep(1.5)  # idle past SESSION_TTL_S: the behaviour under test
+            await ws.send({"type": "message", "id": "late", "text": "still there?"})
+            error = await ws.recv()
+            assert (error["type"], error["code"], error["id"]) == (
+                "error",
+                "session_expired",
+                "late",
+            )
+            with pytest.raises(WebsocketDisconnectError):
+                await ws.recv()
+        async with client.websocket("/ws", query_string={"session": ready["session"]}) as raw:
+            fresh = await Socket(raw).recv()
+    assert fresh["session"] != ready["session"]
+    assert fresh["seq"] == 0
 
 
 async def test_shutdown_closes_streaming_replies_as_interrupted(

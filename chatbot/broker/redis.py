@@ -116,7 +116,7 @@ for i, session in ipairs(due) do
   local old = redis.call('HGET', KEYS[1], session)
   redis.call('ZREM', KEYS[2], session)
   if old then
-    local msg = string.match(old, '^[^|]*|([^|]*)|')
+    local msg = string.match(old, '^[^|]*|(.*)|[^|]*$')
     local taken = ARGV[1] .. '|' .. msg .. '|' .. ARGV[2] .. i
     redis.call('HSET', KEYS[1], session, taken)
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), session)
@@ -147,7 +147,9 @@ def _lease_text(lease: Lease) -> str:
 
 
 def _lease_of(text: str) -> Lease:
-    owner, msg_id, token = text.split("|", 2)
+    # Owner and token are ours (no "|"); the message id is the client's and may hold anything.
+    owner, rest = text.split("|", 1)
+    msg_id, token = rest.rsplit("|", 1)
     return Lease(owner=owner, msg_id=msg_id, token=token)
 
 
@@ -199,6 +201,8 @@ class RedisBroker:
         self._pubsub: Any = None
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._listening = False
+        self._listened = False  # has listened at least once
+        self._backoff_s = RECONNECT_BACKOFF_S[0]
         self._last_canary = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
@@ -255,7 +259,6 @@ class RedisBroker:
         sockets need, after which every local subscription re-reads the log (RESYNC) to recover
         what was published while it was deaf.
         """
-        backoff = RECONNECT_BACKOFF_S[0]
         while True:
             try:
                 await self._listen_once()
@@ -267,10 +270,8 @@ class RedisBroker:
                 if self._listening:
                     log.warning("redis pub/sub listener lost (%s); reconnecting", exc)
                 self._listening = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
-            else:
-                backoff = RECONNECT_BACKOFF_S[0]
+                await asyncio.sleep(self._backoff_s)
+                self._backoff_s = min(self._backoff_s * 2, RECONNECT_BACKOFF_S[1])
 
     async def _listen_once(self) -> None:
         if self._pubsub is not None:
@@ -302,11 +303,12 @@ class RedisBroker:
                     await self._on_listening(pubsub, channels)
 
     async def _on_listening(self, pubsub: Any, subscribed: list[str]) -> None:
-        if self.reconnects:
+        if self._listened:
+            self.reconnects += 1
             log.info("redis pub/sub listener back; resyncing local sockets")
-        self._listening = True
+        self._listened = self._listening = True
+        self._backoff_s = RECONNECT_BACKOFF_S[0]
         self._last_canary = time.monotonic()
-        self.reconnects += 1
         # Sockets that arrived while the listener was (re)starting are not in `subscribed`.
         late = [c for c, f in self._subscribed.items() if not f.done() and c not in subscribed]
         if late:

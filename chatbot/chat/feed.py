@@ -20,6 +20,7 @@ from ..errors import BrokerUnavailable
 log = logging.getLogger(__name__)
 
 REPLAY_RETRY_S = (0.05, 2.0)  # first and longest wait between replay attempts in an outage
+_END = "\x00end"  # a local item no frame can equal: frames are JSON objects
 
 
 class Feed:
@@ -39,6 +40,10 @@ class Feed:
     def push_local(self, frame: str) -> None:
         self._sub.push(frame)
 
+    def end(self) -> None:
+        """End the iteration once everything pushed before has been yielded."""
+        self._sub.push(_END)
+
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
@@ -55,6 +60,8 @@ class Feed:
                 self._replay_needed = False
                 continue
             item = await self._sub.get()
+            if item is _END:
+                raise StopAsyncIteration
             if isinstance(item, str):
                 return item
             if item is RESYNC:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .. import protocol
 from ..broker import Broker, Event, Lease
-from ..errors import BrokerUnavailable, Busy, Restarting, UpstreamError
+from ..errors import BrokerUnavailable, Busy, Restarting, SessionExpired, UpstreamError
 from ..llm import ChatModel, Message
 from ..settings import Settings
 from .feed import Feed, open_feed
@@ -99,6 +99,11 @@ class ChatService:
         """Accept a user message and start its reply; raise `Busy` if one is already streaming."""
         if self.draining:
             raise Restarting("the server is restarting; your message was not sent", ref=msg_id)
+        if await self.broker.last_seq(session) is None:
+            # Appending would start it afresh at seq 1, below what its sockets have seen.
+            raise SessionExpired(
+                "this session has expired; reconnect to start a new one", ref=msg_id
+            )
         lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
         if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
             raise Busy(

@@ -79,12 +79,13 @@ async def healthz() -> JsonReply:
 
 @blueprint.get("/readyz")
 async def readyz() -> JsonReply:
-    """Ready to serve chats: the broker answers. 503 otherwise, so a balancer routes elsewhere."""
+    """Ready to serve chats: the broker answers and the instance is not draining for a restart.
+    503 otherwise, so a balancer routes elsewhere."""
     service = chat_service()
     broker = await service.broker.check()
-    ready = bool(broker.get("ok"))
+    ready = bool(broker.get("ok")) and not service.draining
     body = {
-        "status": "ready" if ready else "unavailable",
+        "status": "draining" if service.draining else "ready" if ready else "unavailable",
         "instance": service.instance,
         "broker": broker,
         "model": service.model.name,

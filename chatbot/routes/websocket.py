@@ -14,7 +14,7 @@ from .. import protocol
 from ..app import chat_service, closing, settings
 from ..chat.feed import Feed
 from ..chat.service import ChatService
-from ..errors import BrokerUnavailable, ClientError
+from ..errors import BrokerUnavailable, ClientError, SessionExpired
 from ..protocol import CloseCode
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ async def chat_socket() -> None:
         log.warning("refused websocket from origin %r", origin)
         abort(403)
     after_arg = websocket.args.get("after")
-    if after_arg is not None and not (after_arg.isdigit() and len(after_arg) < 19):
+    if after_arg is not None and not (
+        after_arg.isascii() and after_arg.isdigit() and len(after_arg) < 19
+    ):
         log.info("refused websocket with after=%r", after_arg[:20])
         abort(400)
     service = chat_service()
@@ -88,24 +90,26 @@ async def _receive_all(feed: Feed, service: ChatService, session: str) -> None:
     max_chars = settings().max_message_chars
     while True:
         raw = await websocket.receive()
+        frame: protocol.ClientFrame | None = None
         try:
             frame = protocol.parse_client_frame(raw, max_chars=max_chars)
             if isinstance(frame, protocol.Stop):
                 await service.stop(session)
             else:
                 await service.submit(session, frame.text, frame.id)
+        except SessionExpired as exc:
+            log.info("session %s… expired under an open socket", session[:6])
+            feed.push_local(protocol.encode(protocol.error(exc.code, exc.message, exc.ref)))
+            feed.end()  # the sender sends the error, then the socket closes
+            await asyncio.Event().wait()  # until the sender, done, ends the socket
         except ClientError as exc:
             log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
             feed.push_local(protocol.encode(protocol.error(exc.code, exc.message, exc.ref)))
         except BrokerUnavailable:
             log.warning("session %s…: broker unavailable, message refused", session[:6])
-            feed.push_local(
-                protocol.encode(
-                    protocol.error(
-                        "unavailable", "The service cannot accept messages right now; try again."
-                    )
-                )
-            )
+            ref = frame.id if isinstance(frame, protocol.SendMessage) else None
+            message = "The service cannot accept messages right now; try again."
+            feed.push_local(protocol.encode(protocol.error("unavailable", message, ref)))
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:

@@ -120,3 +120,15 @@ async def test_a_flooded_subscription_asks_for_resync_instead_of_growing(broker:
             while RESYNC not in items:
                 items.append(await sub.get())
     assert len(items) <= 513
+
+
+def test_heroku_style_rediss_url_accepts_a_self_signed_certificate() -> None:
+    import ssl
+
+    from chatbot.broker.redis import RedisBroker
+    from chatbot.settings import Settings
+
+    url = "rediss://:secret@redis.example.com:6380/0?ssl_cert_reqs=none"
+    broker = RedisBroker(Settings(redis_url=url))
+    connection = broker._pool.make_connection()  # no network: just how it would connect
+    assert connection.ssl_context.cert_reqs == ssl.CERT_NONE
