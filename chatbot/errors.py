@@ -48,6 +48,12 @@ class Busy(ClientError):
     code = "busy"
 
 
+class Overloaded(ClientError):
+    """This instance has as many replies streaming and waiting as it accepts."""
+
+    code = "overloaded"
+
+
 class SessionExpired(ClientError):
     """The session was idle past SESSION_TTL_S (or its store lost it); start a new one."""
 

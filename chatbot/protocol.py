@@ -116,6 +116,11 @@ def ready(session: str, seq: int, model: str, demo: bool) -> dict[str, Any]:
     return {"type": "ready", "session": session, "seq": seq, "model": model, "demo": demo}
 
 
+def queued(reply_to: str, position: int) -> dict[str, Any]:
+    """The reply waits for a free slot (admission control); not logged, so no seq."""
+    return {"type": "queued", "reply_to": reply_to, "position": position}
+
+
 def error(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
     """A per-socket problem (no seq). `id` names the client's message it concerns, if any."""
     frame = {"type": "error", "code": code, "message": message}

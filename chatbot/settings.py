@@ -45,6 +45,8 @@ class Settings:
     session_log_max_events: int = 5000
     lease_ttl_s: float = 10.0
     shutdown_grace_s: float = 20.0
+    max_generations: int = 1000
+    max_queued_replies: int = 2000
     demo_word_delay_s: float = 0.06
     log_level: str = "INFO"
 
@@ -99,6 +101,10 @@ class Settings:
                 "SESSION_LOG_MAX_EVENTS", _positive(int), d.session_log_max_events
             ),
             lease_ttl_s=reader.get("GENERATION_LEASE_S", _positive(float), d.lease_ttl_s),
+            max_generations=reader.get("MAX_GENERATIONS", _positive(int), d.max_generations),
+            max_queued_replies=reader.get(
+                "MAX_QUEUED_REPLIES", _non_negative(int), d.max_queued_replies
+            ),
             shutdown_grace_s=reader.get(
                 "SHUTDOWN_GRACE_S", _non_negative(float), d.shutdown_grace_s
             ),

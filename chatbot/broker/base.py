@@ -165,6 +165,9 @@ class Broker(Protocol):
     def subscribe(self, session: str) -> AbstractAsyncContextManager[Subscription]:
         """Live events of `session` from the moment this returns (the subscription is active)."""
 
+    async def announce(self, session: str, frame: dict[str, Any]) -> None:
+        """Send a transient frame (no seq, not logged) to the session's live sockets."""
+
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         """Send a control message to one instance (at-most-once)."""
 

@@ -100,6 +100,9 @@ class MemoryBroker:
         finally:
             self._hub.remove(sub)
 
+    async def announce(self, session: str, frame: dict[str, Any]) -> None:
+        self._hub.dispatch(session, encode(frame))
+
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         handler = self._control.get(instance)
         if handler is not None:

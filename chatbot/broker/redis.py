@@ -318,11 +318,13 @@ class RedisBroker:
     def _dispatch(self, channel: str, frame: str) -> None:
         session = channel[len(PREFIX) + 3 :]
         try:
-            event = Event.from_frame(frame)
-        except (ValueError, KeyError, TypeError):
-            log.error("ignored a malformed event on %s…", channel[:16])
+            data = json.loads(frame)
+        except ValueError:
+            log.error("ignored a malformed frame on %s…", channel[:16])
             return
-        self._hub.dispatch(session, event)
+        # Logged events carry a seq; transient frames (announce) are passed on as they are.
+        seq = data.get("seq") if isinstance(data, dict) else None
+        self._hub.dispatch(session, frame if seq is None else Event(seq, data, frame))
 
     def _control(self, raw: str) -> None:
         try:
@@ -408,6 +410,10 @@ class RedisBroker:
                 if self._listening and self._pubsub is not None:
                     with suppress(RedisError, OSError):
                         await self._pubsub.unsubscribe(channel)
+
+    async def announce(self, session: str, frame: dict[str, Any]) -> None:
+        with _unavailable("announcing to a session"):
+            await self._redis.publish(_session_channel(session), encode(frame))
 
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         with _unavailable("sending a control message"):

@@ -18,9 +18,17 @@ from typing import Any, TypeVar
 
 from .. import protocol
 from ..broker import Broker, Event, Lease
-from ..errors import BrokerUnavailable, Busy, Restarting, SessionExpired, UpstreamError
+from ..errors import (
+    BrokerUnavailable,
+    Busy,
+    Overloaded,
+    Restarting,
+    SessionExpired,
+    UpstreamError,
+)
 from ..llm import ChatModel, Message
 from ..settings import Settings
+from .admission import Admission, Ticket
 from .feed import Feed, open_feed
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,7 @@ T = TypeVar("T")
 class _Generation:
     session: str
     lease: Lease
+    ticket: Ticket
     task: asyncio.Task[None] | None = None
     stop_requested: bool = False
     text: list[str] = field(default_factory=list)
@@ -51,6 +60,7 @@ class ChatService:
         self._running: dict[str, _Generation] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.admission = Admission(settings.max_generations, settings.max_queued_replies)
 
     # Lifecycle.
 
@@ -104,21 +114,32 @@ class ChatService:
             raise SessionExpired(
                 "this session has expired; reconnect to start a new one", ref=msg_id
             )
-        lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
-        if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
-            raise Busy(
-                "a reply is still streaming in this session; wait for it or send stop", ref=msg_id
-            )
-        msg_id = lease.msg_id
         try:
-            await self.broker.add_turn(session, "user", text)
-            accepted = await self.broker.append(session, protocol.user_event(msg_id, text))
-        except BaseException:
-            with suppress(Exception):
-                await self.broker.release(session, lease)
+            ticket = self.admission.reserve()  # refused before anything is stored
+        except Overloaded as exc:
+            exc.ref = msg_id
             raise
-        generation = _Generation(session, lease)
-        generation.task = self._spawn(self._generate(generation), name=f"reply-{msg_id[:8]}")
+        lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
+        try:
+            if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
+                raise Busy(
+                    "a reply is still streaming in this session; wait for it or send stop",
+                    ref=msg_id,
+                )
+            try:
+                await self.broker.add_turn(session, "user", text)
+                accepted = await self.broker.append(
+                    session, protocol.user_event(lease.msg_id, text)
+                )
+            except BaseException:
+                with suppress(Exception):
+                    await self.broker.release(session, lease)
+                raise
+        except BaseException:
+            self.admission.cancel(ticket)
+            raise
+        generation = _Generation(session, lease, ticket)
+        generation.task = self._spawn(self._generate(generation), name=f"reply-{lease.msg_id[:8]}")
         self._running[session] = generation
         return accepted
 
@@ -149,13 +170,16 @@ class ChatService:
         keeper = self._spawn(self._keep_lease(gen), name=f"lease-{msg_id[:8]}")
         reason: protocol.DoneReason = "error"
         try:
-            history: list[Message] = await self.broker.history(session)  # type: ignore[assignment]
-            async with self.model.stream(self._context(history)) as reply:
-                async for piece in reply:
-                    gen.text.append(piece)
-                    delta = protocol.delta_event(msg_id, piece)
-                    await self._outlast(partial(self.broker.append, session, delta))
-            reason = "length" if reply.finish_reason == "length" else "stop"
+            if gen.ticket.position:
+                await self.broker.announce(session, protocol.queued(msg_id, gen.ticket.position))
+            async with self.admission.slot(gen.ticket):
+                history: list[Message] = await self.broker.history(session)  # type: ignore[assignment]
+                async with self.model.stream(self._context(history)) as reply:
+                    async for piece in reply:
+                        gen.text.append(piece)
+                        delta = protocol.delta_event(msg_id, piece)
+                        await self._outlast(partial(self.broker.append, session, delta))
+                reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
                 # Shutdown or a lost lease: close the reply for clients, then really stop.

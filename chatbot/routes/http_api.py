@@ -9,7 +9,7 @@ from quart import Blueprint, Response, request, send_from_directory
 
 from ..app import WEB_DIR, chat_service, settings
 from ..chat.tasks import start_task, task_status
-from ..errors import BrokerUnavailable, Busy, Restarting, UpstreamError
+from ..errors import BrokerUnavailable, Busy, Overloaded, Restarting, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ async def ask() -> JsonReply:
         return await start_task(chat_service(), session, message), 202
     except Busy as exc:
         return {"error": exc.message}, 409
-    except Restarting as exc:
+    except (Restarting, Overloaded) as exc:
         return {"error": exc.message}, 503
     except BrokerUnavailable:
         return {"error": "The service cannot accept messages right now; try again."}, 503
