@@ -52,16 +52,20 @@ Headers = Sequence[tuple[str, str]]
 _DIRECTIVE = re.compile(r"\[\[fake:([A-Za-z_]+)(?:=([^\]\s]*))?\]\]")
 
 
-def reply_chunks(prompt: str, chunks: int) -> list[str]:
-    """The content pieces streamed for `prompt` (the last user message, directives removed)."""
+def reply_chunks(prompt: str, chunks: int, pad: int = 0) -> list[str]:
+    """The content pieces streamed for `prompt` (the last user message, directives removed).
+
+    `pad` (the `pad` directive) adds that many dots to every word, for large replies.
+    """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
-    return [f"You said: {prompt}\n", *(f"word{k} " for k in range(1, chunks))]
+    dots = "." * pad
+    return [f"You said: {prompt}\n", *(f"word{k}{dots} " for k in range(1, chunks))]
 
 
-def reply_text(prompt: str, chunks: int) -> str:
+def reply_text(prompt: str, chunks: int, pad: int = 0) -> str:
     """The whole reply for `prompt`: what a client assembles from the stream."""
-    return "".join(reply_chunks(prompt, chunks))
+    return "".join(reply_chunks(prompt, chunks, pad))
 
 
 class DirectiveError(ValueError):
@@ -81,6 +85,7 @@ class Behaviour:
     malformed: int | None = None  # send one invalid JSON event after this many content chunks
     hang: bool = False  # never send response headers
     hang_after: int | None = None  # stall forever after this many content chunks
+    pad: int = 0  # dots added to every word: large replies without more chunks
 
     def merged(self, options: dict[str, Any]) -> Behaviour:
         """A copy with `options` (directive or config values, validated here) applied."""
@@ -481,7 +486,7 @@ class FakeOpenAI:
         if opts.hang:
             await asyncio.Future()  # until the client leaves or we close; the watcher cancels us
 
-        pieces = reply_chunks(prompt, opts.chunks)
+        pieces = reply_chunks(prompt, opts.chunks, opts.pad)
         finish = "stop"
         if isinstance(max_tokens, int) and max_tokens < len(pieces):
             pieces, finish = pieces[: max(max_tokens, 0)], "length"

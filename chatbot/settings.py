@@ -41,6 +41,7 @@ class Settings:
     upstream_timeout_s: float = 60.0
     ws_ping_interval_s: float = 20.0
     ws_max_message_bytes: int = 64 * 1024
+    socket_backlog_bytes: int = 1024 * 1024
     session_ttl_s: int = 24 * 3600
     session_log_max_events: int = 5000
     lease_ttl_s: float = 10.0
@@ -95,6 +96,9 @@ class Settings:
             ),
             ws_max_message_bytes=reader.get(
                 "WS_MAX_MESSAGE_BYTES", _positive(int), d.ws_max_message_bytes
+            ),
+            socket_backlog_bytes=reader.get(
+                "SOCKET_BACKLOG_BYTES", _positive(int), d.socket_backlog_bytes
             ),
             session_ttl_s=reader.get("SESSION_TTL_S", _positive(int), d.session_ttl_s),
             session_log_max_events=reader.get(

@@ -22,7 +22,7 @@ from typing import Any, Final, Protocol
 
 log = logging.getLogger(__name__)
 
-SUBSCRIPTION_QUEUE_ITEMS: Final = 512
+SUBSCRIPTION_MAX_BYTES: Final = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,32 +59,46 @@ Item = Event | str | _Resync
 
 
 class Subscription:
-    """A bounded inbox of one consumer (a socket) of one session's live events.
+    """The inbox of one consumer (a socket) of one session's live frames, bounded in bytes.
 
-    Overflow policy: when the queue is full the newest item is dropped and the subscriber is told
-    to resync; `Feed` then re-reads the missed events from the session log, so a slow consumer
-    costs memory only up to the bound and still loses nothing the log holds.
+    Overflow policy: the dispatcher never waits for a consumer. When the frames waiting exceed
+    `max_bytes` (the consumer stopped reading: a stalled client), further frames are dropped
+    and `overflowed` is set; the socket is then closed with 1013 and its client resumes from
+    the log with `after`, so nothing is lost and no other socket slows down.
     """
 
-    __slots__ = ("_queue", "_resync_pending", "session")
+    __slots__ = ("_bytes", "_queue", "max_bytes", "overflowed", "session")
 
-    def __init__(self, session: str, maxsize: int = SUBSCRIPTION_QUEUE_ITEMS) -> None:
+    def __init__(self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES) -> None:
         self.session = session
-        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
-        self._resync_pending = False
+        self.max_bytes = max_bytes
+        self.overflowed = asyncio.Event()
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._bytes = 0
 
     def push(self, item: Item) -> None:
         """Deliver without waiting: the dispatcher must never block on one slow consumer."""
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._resync_pending = True
+        size = _size(item)
+        if self._bytes + size > self.max_bytes:
+            self.overflowed.set()
+            return
+        self._bytes += size
+        self._queue.put_nowait(item)
 
     async def get(self) -> Item:
-        if self._resync_pending and self._queue.empty():
-            self._resync_pending = False
-            return RESYNC
-        return await self._queue.get()
+        item = await self._queue.get()
+        self._bytes -= _size(item)
+        return item
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self._bytes
+
+
+def _size(item: Item) -> int:
+    if isinstance(item, Event):
+        return len(item.frame)
+    return len(item) if isinstance(item, str) else 0
 
 
 class Hub:
@@ -162,7 +176,9 @@ class Broker(Protocol):
     async def replay(self, session: str, after: int) -> list[Event]:
         """Logged events with seq > `after`, in order (the oldest may have been trimmed)."""
 
-    def subscribe(self, session: str) -> AbstractAsyncContextManager[Subscription]:
+    def subscribe(
+        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
+    ) -> AbstractAsyncContextManager[Subscription]:
         """Live events of `session` from the moment this returns (the subscription is active)."""
 
     async def announce(self, session: str, frame: dict[str, Any]) -> None:

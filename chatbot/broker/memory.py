@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol import encode, new_id
-from .base import ControlHandler, Event, Hub, Lease, Subscription
+from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
 
 
 @dataclass(slots=True)
@@ -92,8 +92,10 @@ class MemoryBroker:
         return [event for event in state.log if event.seq > after]
 
     @asynccontextmanager
-    async def subscribe(self, session: str) -> AsyncIterator[Subscription]:
-        sub = Subscription(session)
+    async def subscribe(
+        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
+    ) -> AsyncIterator[Subscription]:
+        sub = Subscription(session, max_bytes)
         self._hub.add(sub)
         try:
             yield sub

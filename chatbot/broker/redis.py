@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from ..errors import BrokerUnavailable
 from ..protocol import encode, new_id
 from ..settings import Settings
-from .base import ControlHandler, Event, Hub, Lease, Subscription
+from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -389,8 +389,10 @@ class RedisBroker:
         return [Event.from_frame(fields["f"]) for _, fields in entries]
 
     @asynccontextmanager
-    async def subscribe(self, session: str) -> AsyncIterator[Subscription]:
-        sub = Subscription(session)
+    async def subscribe(
+        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
+    ) -> AsyncIterator[Subscription]:
+        sub = Subscription(session, max_bytes)
         channel = _session_channel(session)
         if self._hub.add(sub):
             self._subscribed[channel] = asyncio.get_running_loop().create_future()

@@ -40,6 +40,11 @@ class Feed:
     def push_local(self, frame: str) -> None:
         self._sub.push(frame)
 
+    @property
+    def overflowed(self) -> asyncio.Event:
+        """Set when the socket fell more than its byte limit behind (it stopped reading)."""
+        return self._sub.overflowed
+
     def end(self) -> None:
         """End the iteration once everything pushed before has been yielded."""
         self._sub.push(_END)
@@ -89,6 +94,8 @@ class Feed:
 
 
 @asynccontextmanager
-async def open_feed(broker: Broker, session: str, after: int) -> AsyncIterator[Feed]:
-    async with broker.subscribe(session) as sub:
+async def open_feed(
+    broker: Broker, session: str, after: int, max_bytes: int
+) -> AsyncIterator[Feed]:
+    async with broker.subscribe(session, max_bytes) as sub:
         yield Feed(broker, sub, after)

@@ -101,7 +101,7 @@ class ChatService:
         return created, 0
 
     def feed(self, session: str, after: int) -> AbstractAsyncContextManager[Feed]:
-        return open_feed(self.broker, session, after)
+        return open_feed(self.broker, session, after, self.settings.socket_backlog_bytes)
 
     # Messages and replies.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from contextlib import suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +21,9 @@ from ..protocol import CloseCode
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("websocket", __name__)
+
+# A client that stopped reading may not take the close frame either; then just let go.
+CLOSE_TIMEOUT_S = 2.0
 
 
 @blueprint.websocket("/ws")
@@ -51,10 +55,20 @@ async def chat_socket() -> None:
         )
         async with service.feed(session, after) as feed:
             ended = await _first_to_end(
-                _send_all(feed), _receive_all(feed, service, session), _restart_signal()
+                _send_all(feed),
+                _receive_all(feed, service, session),
+                _restart_signal(),
+                feed.overflowed.wait(),
             )
         if ended == 2:
             await websocket.close(CloseCode.SERVICE_RESTART, "service restart")
+        elif ended == 3:
+            log.warning("session %s…: closing a socket that stopped reading", session[:6])
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await websocket.close(
+                        CloseCode.TRY_AGAIN_LATER, "too slow: reconnect and resume with after"
+                    )
     except asyncio.CancelledError:
         raise  # the client went away; Quart cancels the handler
     except Exception:
@@ -62,7 +76,7 @@ async def chat_socket() -> None:
         await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
-async def _first_to_end(*jobs: Coroutine[Any, Any, None]) -> int:
+async def _first_to_end(*jobs: Coroutine[Any, Any, object]) -> int:
     """Run the socket's jobs together; when one ends, cancel the others. The index of the first
     to end; its exception, if it raised one."""
     tasks = [asyncio.ensure_future(job) for job in jobs]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from chatbot.broker import RESYNC, Broker, Event, Lease
+from chatbot.broker import Broker, Event, Lease
 from chatbot.protocol import delta_event, done_event, user_event
 
 
@@ -110,16 +110,21 @@ async def test_tasks_round_trip(broker: Broker) -> None:
     assert await broker.get_task("t") == {"session": "s", "msg_id": "m", "seq": 3}
 
 
-async def test_a_flooded_subscription_asks_for_resync_instead_of_growing(broker: Broker) -> None:
+async def test_a_subscription_that_is_not_read_overflows_instead_of_growing(
+    broker: Broker,
+) -> None:
     await broker.create_session("s")
-    async with broker.subscribe("s") as sub:
-        for n in range(600):
-            await broker.append("s", delta_event("m", str(n)))
-        items = []
+    async with broker.subscribe("s", max_bytes=4096) as slow, broker.subscribe("s") as fast:
+        for n in range(200):
+            await broker.append("s", delta_event("m", f"chunk {n} " * 3))
+        last = await broker.append("s", done_event("m", "stop"))
+        assert slow.overflowed.is_set()
+        assert slow.backlog_bytes <= 4096
+        # The other subscriber of the session got everything.
         async with asyncio.timeout(5):
-            while RESYNC not in items:
-                items.append(await sub.get())
-    assert len(items) <= 513
+            while (await next_event(fast)).seq != last.seq:
+                pass
+        assert not fast.overflowed.is_set()
 
 
 def test_heroku_style_rediss_url_accepts_a_self_signed_certificate() -> None:
