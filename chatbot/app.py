@@ -6,8 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from quart import Quart, current_app
+from quart import Quart, Response, current_app, request
+from quart import websocket as current_websocket
 
+from . import logs, metrics
 from .broker import open_broker
 from .chat.service import ChatService
 from .llm import open_model
@@ -34,12 +36,29 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(http_api.blueprint)
     app.register_blueprint(websocket.blueprint)
 
+    @app.before_request
+    async def correlate_request() -> None:
+        logs.bind_request(request.headers.get(logs.REQUEST_ID_HEADER))
+
+    @app.before_websocket
+    async def correlate_socket() -> None:
+        logs.bind_request(current_websocket.headers.get(logs.REQUEST_ID_HEADER))
+
+    @app.after_request
+    async def tell_request_id(response: Response) -> Response:
+        request_id = logs.request_id()
+        if request_id:
+            response.headers.setdefault(logs.REQUEST_ID_HEADER, request_id)
+        return response
+
     @app.before_serving
     async def start() -> None:
         broker = open_broker(settings)
         model = open_model(settings)
         service = ChatService(settings, broker, model)
         await service.start()
+        logs.set_instance(service.instance)
+        metrics.watch(service)
         app.extensions["chat"] = service
         app.extensions["closing"] = asyncio.Event()
         log.info(
@@ -53,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.after_serving
     async def stop() -> None:
         service: ChatService = app.extensions.pop("chat")
+        metrics.unwatch(service)
         await service.close()
         await service.model.close()
         await service.broker.close()

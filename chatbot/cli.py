@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hypercorn.config import Config
 
+from . import logs
 from .errors import SettingsError
 from .settings import Settings
 
@@ -35,9 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.replace(**overrides)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings)
     run(_serve(settings))
     return 0
 
@@ -52,6 +51,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # websocket ping loops, which sleep up to a ping interval after their socket has closed.
     config.graceful_timeout = 1.0
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our handler and format
     return config
 
 

@@ -24,10 +24,18 @@ class ClientError(ChatbotError):
 
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, ref: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        ref: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.ref = ref  # the client's message id, when the error is about one message
+        self.retry_after_s = retry_after_s  # when trying again may succeed
         if code is not None:
             self.code = code
 
@@ -46,6 +54,16 @@ class Busy(ClientError):
     """The session already has a reply streaming (on this or any other instance)."""
 
     code = "busy"
+
+
+class RateLimited(ClientError):
+    """Over an abuse limit; `scope` says which (session, ip, budget, sockets)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, scope: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.scope = scope
 
 
 class Overloaded(ClientError):
@@ -77,6 +95,18 @@ class UpstreamError(ChatbotError):
         self.code = code
         self.message = message
         self.retryable = retryable
+
+
+class CircuitOpen(UpstreamError):
+    """The model service has failed repeatedly; replies fail at once, without calling it, until
+    `retry_after_s` has passed (see `chatbot/llm/breaker.py`)."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "upstream_unavailable",
+            f"The model service is down. Try again in {retry_after_s} s.",
+        )
+        self.retry_after_s = retry_after_s
 
 
 class BrokerUnavailable(ChatbotError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, Literal
 
-from .errors import FrameError, TooLong
+from .errors import ClientError, FrameError, TooLong
 
 MAX_CLIENT_ID_CHARS: Final = 64
 
@@ -45,11 +45,18 @@ class Stop:
     """`{"type": "stop"}`: stop the reply that is streaming in this session, if any."""
 
 
-ClientFrame = SendMessage | Stop
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """`{"type": "ping"}`: a heartbeat; answered with `{"type": "pong"}`. A socket that sends
+    nothing for WS_IDLE_TIMEOUT_S is taken for dead and closed (1008)."""
+
+
+ClientFrame = SendMessage | Stop | Ping
 
 _FIELDS: Final[dict[str, frozenset[str]]] = {
     "message": frozenset({"type", "id", "text"}),
     "stop": frozenset({"type"}),
+    "ping": frozenset({"type"}),
 }
 
 
@@ -82,6 +89,8 @@ def parse_client_frame(raw: str | bytes, *, max_chars: int) -> ClientFrame:
         )
     if kind == "stop":
         return Stop()
+    if kind == "ping":
+        return Ping()
     client_id = data.get("id")
     if client_id is not None and (
         not isinstance(client_id, str) or not 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
@@ -90,9 +99,15 @@ def parse_client_frame(raw: str | bytes, *, max_chars: int) -> ClientFrame:
             f'expected "id" to be a string of 1-{MAX_CLIENT_ID_CHARS} characters, '
             f"got {_json_kind(client_id)}"
         )
+    if client_id is not None and has_lone_surrogate(client_id):
+        raise FrameError(f'expected "id" to be Unicode text, got {_LONE_SURROGATE}')
     text = data.get("text")
     if not isinstance(text, str):
         raise FrameError(f'expected "text" to be a string, got {_json_kind(text)}', ref=client_id)
+    if has_lone_surrogate(text):
+        raise FrameError(
+            f'expected "text" to be Unicode text, got {_LONE_SURROGATE}', ref=client_id
+        )
     if not text.strip():
         raise FrameError("the message text is empty", code="empty", ref=client_id)
     if len(text) > max_chars:
@@ -112,6 +127,9 @@ def encode(frame: dict[str, Any]) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+PONG: Final = '{"type":"pong"}'
+
+
 def ready(session: str, seq: int, model: str, demo: bool) -> dict[str, Any]:
     return {"type": "ready", "session": session, "seq": seq, "model": model, "demo": demo}
 
@@ -121,12 +139,22 @@ def queued(reply_to: str, position: int) -> dict[str, Any]:
     return {"type": "queued", "reply_to": reply_to, "position": position}
 
 
-def error(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
-    """A per-socket problem (no seq). `id` names the client's message it concerns, if any."""
-    frame = {"type": "error", "code": code, "message": message}
+def error(
+    code: str, message: str, ref: str | None = None, retry_after_s: int | None = None
+) -> dict[str, Any]:
+    """A per-socket problem (no seq). `id` names the client's message it concerns, if any;
+    `retry_after` (seconds) says when trying again may succeed."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if ref is not None:
         frame["id"] = ref
+    if retry_after_s is not None:
+        frame["retry_after"] = retry_after_s
     return frame
+
+
+def refusal(exc: ClientError) -> dict[str, Any]:
+    """The error frame for a refused client request."""
+    return error(exc.code, exc.message, exc.ref, exc.retry_after_s)
 
 
 # Conversation events. The broker adds "seq" when it appends them to the session log.
@@ -147,6 +175,20 @@ def done_event(reply_to: str, reason: DoneReason) -> dict[str, Any]:
 def reply_error_event(reply_to: str, code: str, message: str) -> dict[str, Any]:
     """The readable error of a failed reply; logged, so every socket and every resume sees it."""
     return {"type": "error", "reply_to": reply_to, "code": code, "message": message}
+
+
+_LONE_SURROGATE = 'a string with a lone surrogate (an unpaired "\\ud800"-"\\udfff" escape)'
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); no UTF-8 encoder accepts the result.
+    Stored, such a string would close every socket sent it (1011) and fail every model request
+    that carries the session's history."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _preview(text: str, limit: int = 40) -> str:

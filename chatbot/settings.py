@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 from .errors import SettingsError
 
 T = TypeVar("T")
+
+SECRETS = frozenset({"OPENAI_API_KEY", "ACCESS_TOKEN"})
 
 DEFAULT_MODEL = "gpt-4.1-mini"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer concisely."
@@ -36,20 +39,33 @@ class Settings:
     redis_timeout_s: float = 5.0
     redis_canary_interval_s: float = 2.0
     allowed_origins: tuple[str, ...] = ()
+    access_token: str | None = field(default=None, repr=False)
     max_message_chars: int = 4000
     history_turns: int = 20
-    upstream_timeout_s: float = 60.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_first_token_timeout_s: float = 30.0  # from the request, retries included
+    upstream_idle_timeout_s: float = 30.0  # between content pieces
+    upstream_max_retries: int = 2  # before the first token only
+    upstream_breaker_failures: int = 5
+    upstream_breaker_cooldown_s: float = 15.0
     ws_ping_interval_s: float = 20.0
     ws_max_message_bytes: int = 64 * 1024
+    ws_idle_timeout_s: float = 90.0
     socket_backlog_bytes: int = 1024 * 1024
     session_ttl_s: int = 24 * 3600
     session_log_max_events: int = 5000
     lease_ttl_s: float = 10.0
     shutdown_grace_s: float = 20.0
     max_generations: int = 1000
+    rate_limit_session: str = "30/minute"
+    rate_limit_ip: str = "120/minute"
+    session_token_budget: str = "500000/day"
+    max_sockets_per_ip: int = 100
+    trusted_proxy_hops: int = 0
     max_queued_replies: int = 2000
     demo_word_delay_s: float = 0.06
     log_level: str = "INFO"
+    log_format: str = "json"
 
     @property
     def demo(self) -> bool:
@@ -68,6 +84,12 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from `environ` (default `os.environ`); `SettingsError` names a bad variable."""
         env = os.environ if environ is None else environ
+        if env.get("UPSTREAM_TIMEOUT_S", "").strip():  # removed: refuse rather than ignore it
+            raise SettingsError(
+                "UPSTREAM_TIMEOUT_S",
+                "is no longer read; set UPSTREAM_CONNECT_TIMEOUT_S, "
+                "UPSTREAM_FIRST_TOKEN_TIMEOUT_S and UPSTREAM_IDLE_TIMEOUT_S instead",
+            )
         reader = _Reader(env)
         d = cls()  # the defaults
         settings = cls(
@@ -86,13 +108,34 @@ class Settings:
                 "REDIS_CANARY_INTERVAL_S", _positive(float), d.redis_canary_interval_s
             ),
             allowed_origins=reader.get("ALLOWED_ORIGINS", _origins, ()),
+            access_token=reader.get("ACCESS_TOKEN", _secret, None),
             max_message_chars=reader.get("MAX_MESSAGE_CHARS", _positive(int), d.max_message_chars),
             history_turns=reader.get("HISTORY_TURNS", _positive(int), d.history_turns),
-            upstream_timeout_s=reader.get(
-                "UPSTREAM_TIMEOUT_S", _positive(float), d.upstream_timeout_s
+            upstream_connect_timeout_s=reader.get(
+                "UPSTREAM_CONNECT_TIMEOUT_S", _positive(float), d.upstream_connect_timeout_s
+            ),
+            upstream_first_token_timeout_s=reader.get(
+                "UPSTREAM_FIRST_TOKEN_TIMEOUT_S",
+                _positive(float),
+                d.upstream_first_token_timeout_s,
+            ),
+            upstream_idle_timeout_s=reader.get(
+                "UPSTREAM_IDLE_TIMEOUT_S", _positive(float), d.upstream_idle_timeout_s
+            ),
+            upstream_max_retries=reader.get(
+                "UPSTREAM_MAX_RETRIES", _non_negative(int), d.upstream_max_retries
+            ),
+            upstream_breaker_failures=reader.get(
+                "UPSTREAM_BREAKER_FAILURES", _positive(int), d.upstream_breaker_failures
+            ),
+            upstream_breaker_cooldown_s=reader.get(
+                "UPSTREAM_BREAKER_COOLDOWN_S", _positive(float), d.upstream_breaker_cooldown_s
             ),
             ws_ping_interval_s=reader.get(
                 "WS_PING_INTERVAL_S", _positive(float), d.ws_ping_interval_s
+            ),
+            ws_idle_timeout_s=reader.get(
+                "WS_IDLE_TIMEOUT_S", _non_negative(float), d.ws_idle_timeout_s
             ),
             ws_max_message_bytes=reader.get(
                 "WS_MAX_MESSAGE_BYTES", _positive(int), d.ws_max_message_bytes
@@ -106,6 +149,15 @@ class Settings:
             ),
             lease_ttl_s=reader.get("GENERATION_LEASE_S", _positive(float), d.lease_ttl_s),
             max_generations=reader.get("MAX_GENERATIONS", _positive(int), d.max_generations),
+            rate_limit_session=reader.get("RATE_LIMIT_SESSION", _rate, d.rate_limit_session),
+            rate_limit_ip=reader.get("RATE_LIMIT_IP", _rate, d.rate_limit_ip),
+            session_token_budget=reader.get("SESSION_TOKEN_BUDGET", _rate, d.session_token_budget),
+            max_sockets_per_ip=reader.get(
+                "MAX_SOCKETS_PER_IP", _positive(int), d.max_sockets_per_ip
+            ),
+            trusted_proxy_hops=reader.get(
+                "TRUSTED_PROXY_HOPS", _non_negative(int), d.trusted_proxy_hops
+            ),
             max_queued_replies=reader.get(
                 "MAX_QUEUED_REPLIES", _non_negative(int), d.max_queued_replies
             ),
@@ -116,6 +168,7 @@ class Settings:
                 "DEMO_WORD_DELAY_S", _non_negative(float), d.demo_word_delay_s
             ),
             log_level=reader.get("LOG_LEVEL", _log_level, d.log_level),
+            log_format=reader.get("LOG_FORMAT", _log_format, d.log_format),
         )
         # JSON-escaped, one character can take 12 bytes (two \uXXXX escapes), plus the envelope.
         needed = settings.max_message_chars * 12 + 256
@@ -139,7 +192,14 @@ class _Reader:
         try:
             return parse(raw)
         except ValueError as exc:
-            raise SettingsError(name, f"{exc} (got {raw!r})") from None
+            if name in SECRETS:  # a key or token is never echoed, not even a wrong one
+                raise SettingsError(name, str(exc)) from None
+            raise SettingsError(name, f"{exc} (got {_without_credentials(raw)!r})") from None
+
+
+def _without_credentials(raw: str) -> str:
+    """The value as an error may quote it: a URL's user and password (REDIS_URL) masked."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:/*)?.*@", lambda m: (m[1] or "") + "***@", raw)
 
 
 def _port(raw: str) -> int:
@@ -199,8 +259,31 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _secret(raw: str) -> str:
+    if len(raw) < 16:
+        raise ValueError("must be at least 16 characters (make it long and random)")
+    return raw
+
+
+def _rate(raw: str) -> str:
+    from limits import parse
+
+    try:
+        parse(raw)
+    except ValueError:
+        raise ValueError("must be a rate like 30/minute, 1000/hour or 100000/day") from None
+    return raw
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
     return level
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"json", "text"}:
+        raise ValueError("must be json (one JSON object per line) or text (for people)")
+    return value

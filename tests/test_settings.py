@@ -32,7 +32,12 @@ def test_every_variable_is_read() -> None:
             "ALLOWED_ORIGINS": "https://a.example, https://b.example/",
             "MAX_MESSAGE_CHARS": "100",
             "HISTORY_TURNS": "3",
-            "UPSTREAM_TIMEOUT_S": "2.5",
+            "UPSTREAM_CONNECT_TIMEOUT_S": "1.5",
+            "UPSTREAM_FIRST_TOKEN_TIMEOUT_S": "2.5",
+            "UPSTREAM_IDLE_TIMEOUT_S": "3.5",
+            "UPSTREAM_MAX_RETRIES": "0",
+            "UPSTREAM_BREAKER_FAILURES": "3",
+            "UPSTREAM_BREAKER_COOLDOWN_S": "4",
             "WS_PING_INTERVAL_S": "10",
             "SESSION_TTL_S": "60",
             "GENERATION_LEASE_S": "5",
@@ -42,7 +47,13 @@ def test_every_variable_is_read() -> None:
     assert not settings.demo
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
     assert (settings.max_message_chars, settings.history_turns) == (100, 3)
-    assert settings.upstream_timeout_s == 2.5
+    assert (
+        settings.upstream_connect_timeout_s,
+        settings.upstream_first_token_timeout_s,
+        settings.upstream_idle_timeout_s,
+    ) == (1.5, 2.5, 3.5)
+    assert settings.upstream_max_retries == 0
+    assert (settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s) == (3, 4.0)
     assert settings.lease_ttl_s == 5.0
 
 
@@ -59,7 +70,10 @@ def test_secrets_stay_out_of_repr() -> None:
         ("PORT", "70000"),
         ("MAX_MESSAGE_CHARS", "0"),
         ("HISTORY_TURNS", "-2"),
-        ("UPSTREAM_TIMEOUT_S", "soon"),
+        ("UPSTREAM_FIRST_TOKEN_TIMEOUT_S", "soon"),
+        ("UPSTREAM_IDLE_TIMEOUT_S", "0"),
+        ("UPSTREAM_MAX_RETRIES", "-1"),
+        ("UPSTREAM_BREAKER_FAILURES", "0"),
         ("REDIS_URL", "localhost:6379"),
         ("OPENAI_BASE_URL", "ftp://x"),
         ("ALLOWED_ORIGINS", "example.com"),
@@ -83,3 +97,10 @@ def test_the_server_refuses_to_start_with_a_bad_value() -> None:
     )
     assert result.returncode == 2
     assert "PORT" in result.stderr
+
+
+def test_the_removed_upstream_timeout_is_refused_not_ignored() -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({"UPSTREAM_TIMEOUT_S": "60"})
+    assert error.value.variable == "UPSTREAM_TIMEOUT_S"
+    assert "UPSTREAM_FIRST_TOKEN_TIMEOUT_S" in str(error.value)

@@ -251,7 +251,7 @@ async def test_upstream_faults_end_the_reply_with_a_readable_error(
 
 
 async def test_upstream_timeout(app_with, settings, fake: FakeOpenAI) -> None:
-    async with app_with(settings.replace(upstream_timeout_s=0.3)) as app:
+    async with app_with(settings.replace(upstream_idle_timeout_s=0.3)) as app:
         async with app.test_client().websocket("/ws") as raw:
             ws = Socket(raw)
             await ws.recv()
@@ -350,3 +350,20 @@ async def test_concurrent_sessions_are_independent(connect) -> None:
 
     texts = await asyncio.gather(*(chat(n) for n in range(20)))
     assert texts == [reply_text(f"session {n}", 5) for n in range(20)]
+
+
+async def test_ping_gets_pong(connect) -> None:
+    async with connect() as (ws, _):
+        await ws.send({"type": "ping"})
+        assert await ws.recv() == {"type": "pong"}
+
+
+async def test_a_silent_socket_is_closed_as_dead(app_with, settings) -> None:
+    async with app_with(settings.replace(ws_idle_timeout_s=0.3)) as app:
+        async with app.test_client().websocket("/ws") as raw:
+            ws = Socket(raw)
+            await ws.recv()
+            await ws.send({"type": "ping"})  # a heartbeat keeps it open
+            assert await ws.recv() == {"type": "pong"}
+            with pytest.raises(WebsocketDisconnectError):
+                await ws.recv(timeout_s=3)

@@ -6,7 +6,7 @@
 import { Connection } from "./connection.js";
 import { Conversation } from "./conversation.js";
 import { copyCode } from "./render.js";
-import { forgetSession, loadSession, saveSession } from "./storage.js";
+import { accessToken, forgetSession, loadSession, saveSession } from "./storage.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -61,9 +61,12 @@ const connection = new Connection({
   },
 });
 
+const token = accessToken();
+
 function socketUrl() {
   const url = new URL("/ws", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (token) url.searchParams.set("token", token);
   if (state.session) {
     url.searchParams.set("session", state.session);
     url.searchParams.set("after", String(state.lastSeq));

@@ -15,6 +15,10 @@ const TRY_AGAIN_LATER_MS = 3_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 // After this many failed attempts in a row the status says "offline" (it still keeps trying).
 const OFFLINE_AFTER_ATTEMPTS = 5;
+// Heartbeat: the server closes a socket silent for WS_IDLE_TIMEOUT_S (90 s by default), and a
+// socket that has heard nothing (not even a pong) for SILENCE_MS is taken for dead here.
+const PING_EVERY_MS = 25_000;
+const SILENCE_MS = 60_000;
 
 /**
  * Status: "connecting" (first attempt), "connected" (the server said `ready`), "reconnecting",
@@ -76,8 +80,14 @@ export class Connection {
     this.ws = ws;
     // A handshake that never completes (a dead route, a stalled proxy) would wait forever.
     const connectTimer = setTimeout(() => ws.close(), CONNECT_TIMEOUT_MS);
+    let heardAt = Date.now();
+    const heartbeat = setInterval(() => {
+      if (Date.now() - heardAt > SILENCE_MS) ws.close();
+      else if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ping"}');
+    }, PING_EVERY_MS);
     ws.addEventListener("message", (event) => {
       if (ws !== this.ws) return;
+      heardAt = Date.now();
       let frame;
       try {
         frame = JSON.parse(event.data);
@@ -85,6 +95,7 @@ export class Connection {
         console.warn("ignoring a frame that is not JSON", event.data);
         return;
       }
+      if (frame?.type === "pong") return;
       if (frame?.type === "ready") {
         clearTimeout(connectTimer);
         this.ready = true;
@@ -95,6 +106,7 @@ export class Connection {
     });
     ws.addEventListener("close", (event) => {
       clearTimeout(connectTimer);
+      clearInterval(heartbeat);
       if (ws !== this.ws) return; // discarded on purpose
       this.ws = null;
       this.ready = false;

@@ -28,3 +28,20 @@ export function forgetSession() {
     // nothing to forget
   }
 }
+
+// The deployment's ACCESS_TOKEN, when it has one: given once as #token=... in the page's URL,
+// then kept here (and removed from the address bar, so it is not shared with a screenshot).
+const TOKEN_KEY = "chatbot.token";
+
+export function accessToken() {
+  const fromUrl = new URLSearchParams(window.location.hash.slice(1)).get("token");
+  try {
+    if (fromUrl) {
+      localStorage.setItem(TOKEN_KEY, fromUrl);
+      history.replaceState(null, "", window.location.pathname + window.location.search);
+    }
+    return fromUrl ?? localStorage.getItem(TOKEN_KEY);
+  } catch {
+    return fromUrl;
+  }
+}

@@ -210,6 +210,9 @@ class Broker(Protocol):
         new message is accepted until the claimant has closed the orphaned reply and released.
         """
 
+    async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
+        """Add `delta` to a shared counter (expiring `ttl_s` after its last change); its value."""
+
     # Tasks of the HTTP ask API (a reply addressed without a socket).
 
     async def put_task(self, task: str, record: dict[str, Any]) -> None: ...

@@ -42,6 +42,7 @@ class MemoryBroker:
         self._sessions: dict[str, _Session] = {}
         self._leases: dict[str, _Held] = {}
         self._tasks: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._counters: dict[str, int] = {}
         self._control: dict[str, ControlHandler] = {}
         self._hub = Hub()
 
@@ -155,6 +156,14 @@ class MemoryBroker:
                 claimed.append((session, taken))
         self._purge_expired()
         return claimed
+
+    async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
+        value = self._counters.get(key, 0) + delta
+        if value:
+            self._counters[key] = value
+        else:
+            self._counters.pop(key, None)
+        return value
 
     async def put_task(self, task: str, record: dict[str, Any]) -> None:
         self._tasks[task] = (time.monotonic() + self._ttl_s, record)

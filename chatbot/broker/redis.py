@@ -31,6 +31,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .. import metrics
 from ..errors import BrokerUnavailable
 from ..protocol import encode, new_id
 from ..settings import Settings
@@ -129,6 +130,13 @@ return claimed
 )
 
 
+_ADJUST = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return value
+"""
+
+
 def _session_keys(session: str) -> tuple[str, str, str]:
     base = f"{PREFIX}:s:{session}"
     return f"{base}:meta", f"{base}:log", f"{base}:hist"
@@ -171,6 +179,10 @@ def _unavailable(action: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
+        if _cancelling():
+            # redis-py turns a cancellation mid-command into a connection error; a caller that
+            # retries BrokerUnavailable would then never see that its task was cancelled.
+            raise asyncio.CancelledError from exc
         raise BrokerUnavailable(f"redis unavailable while {action}: {type(exc).__name__}") from exc
 
 
@@ -179,7 +191,8 @@ class RedisBroker:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._pool = aioredis.BlockingConnectionPool.from_url(
+        # Public: the rate limiter's storage shares it, so it costs no extra connections.
+        self.pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url or "",
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_timeout_s,
@@ -188,13 +201,14 @@ class RedisBroker:
             health_check_interval=0,
             decode_responses=True,
         )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._redis = aioredis.Redis(connection_pool=self.pool)
         self._append = self._redis.register_script(_APPEND)
         self._finish = self._redis.register_script(_FINISH)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
+        self._adjust = self._redis.register_script(_ADJUST)
         self._hub = Hub()
         self._instance = ""
         self._on_control: ControlHandler = lambda message: None
@@ -227,7 +241,7 @@ class RedisBroker:
             with suppress(Exception):
                 await self._pubsub.aclose()
         await self._redis.aclose()
-        await self._pool.disconnect()
+        await self.pool.disconnect()
 
     async def check(self) -> dict[str, Any]:
         canary_age_s = round(time.monotonic() - self._last_canary, 3)
@@ -333,6 +347,7 @@ class RedisBroker:
             return
         if "canary" in message:
             self._last_canary = time.monotonic()
+            metrics.canary_received(message["canary"])
         else:
             self._on_control(message)
 
@@ -464,6 +479,10 @@ class RedisBroker:
         with _unavailable("claiming orphaned leases"):
             flat = await self._claim(keys=[LEASES, LEASE_DUE], args=args)
         return [(flat[i], _lease_of(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
+        with _unavailable("adjusting a counter"):
+            return int(await self._adjust(keys=[key], args=[delta, ttl_s]))
 
     # Tasks of the HTTP ask API.
 

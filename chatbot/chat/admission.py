@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from .. import metrics
 from ..errors import Overloaded
 
 
@@ -47,6 +48,7 @@ class Admission:
             admitted.set_result(None)
             return Ticket(0, admitted)
         if len(self._queue) >= self.queue_limit:
+            metrics.OVERLOADED.inc()
             raise Overloaded(
                 f"the server is at capacity ({self.limit} replies streaming, {self.queue_limit} "
                 "waiting); try again in a few seconds"

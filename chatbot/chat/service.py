@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
@@ -16,12 +17,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from .. import protocol
+from .. import logs, metrics, protocol
 from ..broker import Broker, Event, Lease
 from ..errors import (
     BrokerUnavailable,
     Busy,
     Overloaded,
+    RateLimited,
     Restarting,
     SessionExpired,
     UpstreamError,
@@ -30,6 +32,7 @@ from ..llm import ChatModel, Message
 from ..settings import Settings
 from .admission import Admission, Ticket
 from .feed import Feed, open_feed
+from .limits import AbuseLimits, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class _Generation:
     task: asyncio.Task[None] | None = None
     stop_requested: bool = False
     text: list[str] = field(default_factory=list)
+    context_chars: int = 0
+    timer: metrics.ReplyTimer = field(default_factory=metrics.ReplyTimer)
 
 
 class ChatService:
@@ -61,6 +66,7 @@ class ChatService:
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self.admission = Admission(settings.max_generations, settings.max_queued_replies)
+        self.limits = AbuseLimits(settings, broker)
 
     # Lifecycle.
 
@@ -98,6 +104,7 @@ class ChatService:
                 return session, last
         created = protocol.new_id()
         await self.broker.create_session(created)
+        metrics.SESSIONS_OPENED.inc()
         return created, 0
 
     def feed(self, session: str, after: int) -> AbstractAsyncContextManager[Feed]:
@@ -105,8 +112,11 @@ class ChatService:
 
     # Messages and replies.
 
-    async def submit(self, session: str, text: str, msg_id: str | None = None) -> Event:
-        """Accept a user message and start its reply; raise `Busy` if one is already streaming."""
+    async def submit(
+        self, session: str, text: str, msg_id: str | None = None, *, client_ip: str = "unknown"
+    ) -> Event:
+        """Accept a user message and start its reply. Refusals raise a `ClientError` (`Busy`,
+        `RateLimited`, `Overloaded`, `SessionExpired`, `Restarting`); nothing is stored then."""
         if self.draining:
             raise Restarting("the server is restarting; your message was not sent", ref=msg_id)
         if await self.broker.last_seq(session) is None:
@@ -115,8 +125,9 @@ class ChatService:
                 "this session has expired; reconnect to start a new one", ref=msg_id
             )
         try:
-            ticket = self.admission.reserve()  # refused before anything is stored
-        except Overloaded as exc:
+            await self.limits.check_message(session, client_ip)
+            ticket = self.admission.reserve()
+        except (RateLimited, Overloaded) as exc:
             exc.ref = msg_id
             raise
         lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
@@ -167,6 +178,7 @@ class ChatService:
 
     async def _generate(self, gen: _Generation) -> None:
         session, msg_id = gen.session, gen.lease.msg_id
+        logs.bind_session(session)
         keeper = self._spawn(self._keep_lease(gen), name=f"lease-{msg_id[:8]}")
         reason: protocol.DoneReason = "error"
         try:
@@ -174,8 +186,11 @@ class ChatService:
                 await self.broker.announce(session, protocol.queued(msg_id, gen.ticket.position))
             async with self.admission.slot(gen.ticket):
                 history: list[Message] = await self.broker.history(session)  # type: ignore[assignment]
-                async with self.model.stream(self._context(history)) as reply:
+                context = self._context(history)
+                gen.context_chars = sum(len(m["content"]) for m in context)
+                async with self.model.stream(context) as reply:
                     async for piece in reply:
+                        gen.timer.delta()
                         gen.text.append(piece)
                         delta = protocol.delta_event(msg_id, piece)
                         await self._outlast(partial(self.broker.append, session, delta))
@@ -191,6 +206,7 @@ class ChatService:
             reason = "cancelled"
         except UpstreamError as exc:
             log.warning("reply %s failed upstream: %s", msg_id[:8], exc.code)
+            metrics.upstream_error(exc.code)
             await self._append_quietly(
                 session, protocol.reply_error_event(msg_id, exc.code, exc.message)
             )
@@ -215,7 +231,14 @@ class ChatService:
         same broker operation: a client that sends its next message on seeing `done` must never
         be told `busy`."""
         self._running.pop(gen.session, None)
+        gen.timer.finished(reason)
         done = protocol.done_event(gen.lease.msg_id, reason)
+        if gen.context_chars:
+            tokens = estimate_tokens("".join(gen.text)) + math.ceil(gen.context_chars / 4)
+            try:
+                await self.limits.charge_tokens(gen.session, tokens)
+            except Exception:  # the budget is a guard rail; never lose the reply's end over it
+                log.warning("could not charge %d tokens to session %s…", tokens, gen.session[:6])
         try:
             if gen.text and reason != "error":
                 text = "".join(gen.text)
@@ -275,6 +298,7 @@ class ChatService:
                     await self.broker.finish(
                         session, protocol.done_event(lease.msg_id, "interrupted"), lease
                     )
+                    metrics.REPLIES_FINISHED.labels(reason="interrupted").inc()
             except BrokerUnavailable:
                 log.warning("orphan sweep skipped: broker unavailable")
             except Exception:

@@ -16,13 +16,15 @@ from .service import ChatService
 Status = Literal["queued", "running", "done", "error"]
 
 
-async def start_task(service: ChatService, session: str | None, text: str) -> dict[str, str]:
+async def start_task(
+    service: ChatService, session: str | None, text: str, client_ip: str
+) -> dict[str, str]:
     """Accept `text` in `session` (a new session when None or unknown); `{"task", "session"}`.
 
     Raises what `ChatService.submit` raises (`Busy`, `Restarting`, `BrokerUnavailable`).
     """
     session, _ = await service.open_session(session)
-    accepted = await service.submit(session, text)
+    accepted = await service.submit(session, text, client_ip=client_ip)
     task = protocol.new_id()
     record = {"session": session, "msg_id": accepted.data["id"], "seq": accepted.seq}
     await service.broker.put_task(task, record)

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, TypedDict
 
+from .breaker import BreakerStatus
+
 
 class Message(TypedDict):
     role: str
@@ -29,5 +31,8 @@ class ChatModel(Protocol):
 
     def stream(self, messages: Sequence[Message]) -> AbstractAsyncContextManager[Reply]:
         """Start a reply. Leaving the context closes it, stopping the upstream request at once."""
+
+    def upstream_status(self) -> BreakerStatus:
+        """How this process sees the model service (its circuit breaker), for `/readyz`."""
 
     async def close(self) -> None: ...

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from .base import Message
+from .breaker import BreakerStatus
 
 FIRST_TOKEN_DELAY_S = 0.3
 
@@ -46,6 +47,9 @@ class DemoModel:
             "to chat with a real model."
         )
         yield DemoReply(text, self._word_delay_s)
+
+    def upstream_status(self) -> BreakerStatus:
+        return {"breaker": "closed", "consecutive_failures": 0}  # no service to fail
 
     async def close(self) -> None:
         return None

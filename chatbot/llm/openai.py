@@ -1,44 +1,105 @@
 """Streaming chat completions from OpenAI or any server that speaks its wire format.
 
-One `AsyncOpenAI` client per process: it pools HTTP connections for every reply. The SDK retries
-connection errors and 408/409/429/5xx before a stream starts (safe: nothing was shown yet); an
-error once tokens flow ends the reply instead.
+One `AsyncOpenAI` client per process: it pools HTTP connections for every reply. Every wait on
+the model service has its own deadline: connecting (`UPSTREAM_CONNECT_TIMEOUT_S`), the first
+content piece (`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering retries)
+and each piece after it (`UPSTREAM_IDLE_TIMEOUT_S`).
+
+Retries happen here, not in the SDK (whose own are switched off), because only here is the
+first-token deadline known: connection errors, timeouts, 408/409/429 and 5xx are retried up to
+`UPSTREAM_MAX_RETRIES` times with the SDK's backoff or the server's `Retry-After`, and never
+when the wait would outlast the deadline. Nothing is retried once a stream has started: the user
+may already have seen its first words. A `CircuitBreaker` stops calling a service that is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import logging
-from collections.abc import AsyncIterator, Sequence
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from ..errors import UpstreamError
 from ..settings import Settings
 from .base import Message
+from .breaker import BreakerStatus, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 # Local OpenAI-compatible servers (Ollama, vLLM, LM Studio) need no key, but the SDK insists on one.
 NO_KEY = "not-needed"
 
+# The SDK's retry policy (openai/_base_client.py: `_should_retry`, `_calculate_retry_timeout`).
+RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx
+BACKOFF_S = (0.5, 8.0)  # first and longest wait between attempts, less up to 25 % jitter
+MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer wait is not retried at all
+
+# Failures that say the service is down (or drowning), which the circuit breaker counts. An HTTP
+# 4xx answer says it is up; a malformed or unfinished stream says nothing either way.
+DOWN = frozenset(
+    {"upstream_timeout", "upstream_unreachable", "upstream_unavailable", "upstream_rate_limited"}
+)
+ANSWERED = frozenset({"upstream_auth", "upstream_rejected"})
+
 
 class OpenAIReply:
-    def __init__(self, stream: openai.AsyncStream[Any]) -> None:
+    """A started stream. Iterating yields content pieces, each within its deadline."""
+
+    def __init__(
+        self,
+        stream: openai.AsyncStream[Any],
+        *,
+        first_token_at: float,
+        first_token_timeout_s: float,
+        idle_timeout_s: float,
+        on_first_token: Callable[[], None],
+    ) -> None:
         self._stream = stream
+        self._first_token_at = first_token_at  # loop time by which the first piece must come
+        self._first_token_timeout_s = first_token_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._on_first_token = on_first_token
         self.finish_reason: str | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        chunks = aiter(self._stream)
+        started = False
         try:
-            async for chunk in self._stream:
+            while True:
+                # The timeout covers only the wait for the service, never our consumer's work.
+                try:
+                    if started:
+                        async with asyncio.timeout(self._idle_timeout_s):
+                            chunk = await anext(chunks)
+                    else:
+                        async with asyncio.timeout_at(self._first_token_at):
+                            chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
                 if not chunk.choices:  # the usage chunk carries no choices
                     continue
                 choice = chunk.choices[0]
                 if choice.delta is not None and choice.delta.content:
+                    if not started:
+                        started = True
+                        self._on_first_token()
                     yield choice.delta.content
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
+        except TimeoutError:
+            raise (
+                idle_timeout(self._idle_timeout_s)
+                if started
+                else first_token_timeout(self._first_token_timeout_s)
+            ) from None
         except openai.APIError as exc:
             raise upstream_error(exc) from exc
         except ValueError as exc:  # a malformed SSE event: the JSON decoder gives up
@@ -56,31 +117,136 @@ class OpenAIModel:
 
     def __init__(self, settings: Settings) -> None:
         self.name = settings.openai_model
+        self._first_token_timeout_s = settings.upstream_first_token_timeout_s
+        self._idle_timeout_s = settings.upstream_idle_timeout_s
+        self._max_retries = settings.upstream_max_retries
+        self.breaker = CircuitBreaker(
+            settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s
+        )
+        # Our deadlines bound every wait; the SDK's read/write/pool timeout is only a backstop
+        # that cannot fire before them. Its connect timeout is the one that applies.
+        backstop_s = max(self._first_token_timeout_s, self._idle_timeout_s) + 1
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or NO_KEY,
             base_url=settings.openai_base_url,
-            timeout=settings.upstream_timeout_s,
+            timeout=openai.Timeout(backstop_s, connect=settings.upstream_connect_timeout_s),
+            max_retries=0,
         )
+
+    def upstream_status(self) -> BreakerStatus:
+        return self.breaker.status()
 
     @asynccontextmanager
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[OpenAIReply]:
-        try:
-            stream = await self._client.chat.completions.create(
-                model=self.name,
-                messages=list(messages),
-                stream=True,  # type: ignore[arg-type]
-            )
-        except openai.APIError as exc:
-            raise upstream_error(exc) from exc
-        try:
-            yield OpenAIReply(stream)
-        finally:
-            # Closing the response ends the upstream HTTP request now (stop, disconnect, error),
-            # instead of letting it generate tokens nobody reads.
-            await stream.close()
+        with self.breaker.attempt() as attempt:  # raises CircuitOpen: no call at all
+            first_token_at = asyncio.get_running_loop().time() + self._first_token_timeout_s
+            try:
+                stream = await self._open(list(messages), first_token_at)
+                try:
+                    yield OpenAIReply(
+                        stream,
+                        first_token_at=first_token_at,
+                        first_token_timeout_s=self._first_token_timeout_s,
+                        idle_timeout_s=self._idle_timeout_s,
+                        on_first_token=attempt.succeeded,
+                    )
+                finally:
+                    # Closing the response ends the upstream HTTP request now (stop, disconnect,
+                    # timeout, error), instead of letting it generate tokens nobody reads.
+                    await stream.close()
+            except UpstreamError as exc:
+                if exc.code in DOWN:
+                    attempt.failed()
+                elif exc.code in ANSWERED:
+                    attempt.succeeded()
+                raise
+
+    async def _open(
+        self, messages: list[Message], first_token_at: float
+    ) -> openai.AsyncStream[Any]:
+        """Send the request, retrying what is safe to retry while the first-token deadline
+        allows."""
+        loop = asyncio.get_running_loop()
+        retries = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(first_token_at):
+                    return await self._client.chat.completions.create(
+                        model=self.name,
+                        messages=cast("list[ChatCompletionMessageParam]", messages),
+                        stream=True,
+                    )
+            except TimeoutError:
+                raise first_token_timeout(self._first_token_timeout_s) from None
+            except openai.APIError as exc:
+                wait_s = retry_wait_s(exc, retries) if retries < self._max_retries else None
+                if wait_s is None or loop.time() + wait_s >= first_token_at:
+                    raise upstream_error(exc) from exc
+                retries += 1
+                log.info(
+                    "model service: %s; retry %d of %d in %.2f s",
+                    _describe(exc),
+                    retries,
+                    self._max_retries,
+                    wait_s,
+                )
+                await asyncio.sleep(wait_s)
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def retry_wait_s(exc: openai.APIError, retries_taken: int) -> float | None:
+    """How long to wait before retrying after `exc`, or None when it must not be retried."""
+    if isinstance(exc, openai.APIStatusError):
+        headers = exc.response.headers
+        verdict = headers.get("x-should-retry")  # OpenAI's own hint wins, as in the SDK
+        if verdict == "false" or (
+            verdict != "true" and exc.status_code not in RETRY_STATUSES and exc.status_code < 500
+        ):
+            return None
+        after_s = retry_after_s(headers)
+        if after_s is not None:
+            return after_s if after_s <= MAX_RETRY_AFTER_S else None
+    elif not isinstance(exc, openai.APIConnectionError):  # e.g. a response that fails validation
+        return None
+    first, longest = BACKOFF_S
+    return min(first * 2.0**retries_taken, longest) * random.uniform(0.75, 1.0)
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, or `retry-after` in seconds or as
+    an HTTP date. None when absent or unreadable."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
+    date = headers.get("retry-after")
+    if date is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(date)
+        return None if parsed is None else max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def first_token_timeout(timeout_s: float) -> UpstreamError:
+    return UpstreamError(
+        "upstream_timeout", f"The model service did not start answering within {timeout_s:g} s."
+    )
+
+
+def idle_timeout(timeout_s: float) -> UpstreamError:
+    return UpstreamError(
+        "upstream_timeout", f"The model service stopped answering for {timeout_s:g} s mid-reply."
+    )
 
 
 def upstream_error(exc: openai.APIError) -> UpstreamError:
@@ -97,8 +263,12 @@ def upstream_error(exc: openai.APIError) -> UpstreamError:
             retryable=False,
         )
     if isinstance(exc, openai.RateLimitError):
-        retry_after = exc.response.headers.get("retry-after")
-        hint = f" Try again in {retry_after} s." if retry_after else " Try again shortly."
+        after_s = retry_after_s(exc.response.headers)
+        hint = (
+            f" Try again in {max(math.ceil(after_s), 1)} s."
+            if after_s is not None
+            else " Try again shortly."
+        )
         return UpstreamError(
             "upstream_rate_limited", "The model service is rate limiting us." + hint
         )
@@ -114,3 +284,9 @@ def upstream_error(exc: openai.APIError) -> UpstreamError:
             retryable=False,
         )
     return UpstreamError("upstream_error", "The model service failed mid-reply. Try again.")
+
+
+def _describe(exc: openai.APIError) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}"
+    return type(exc).__name__

@@ -7,15 +7,39 @@ from typing import Any
 
 from quart import Blueprint, Response, request, send_from_directory
 
+from .. import metrics, protocol
 from ..app import WEB_DIR, chat_service, settings
+from ..chat.limits import client_ip
 from ..chat.tasks import start_task, task_status
-from ..errors import BrokerUnavailable, Busy, Overloaded, Restarting, UpstreamError
+from ..errors import (
+    BrokerUnavailable,
+    Busy,
+    CircuitOpen,
+    Overloaded,
+    RateLimited,
+    Restarting,
+    UpstreamError,
+)
+from .access import token_ok
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("http_api", __name__)
 
-JsonReply = tuple[dict[str, Any], int]
+JsonReply = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]
+
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/favicon.ico"})
+
+
+@blueprint.before_request
+async def require_access_token() -> JsonReply | None:
+    """The chat endpoints need ACCESS_TOKEN when one is set; the page and health checks do not."""
+    if request.path in OPEN_PATHS or request.path.startswith("/static/"):
+        return None
+    if token_ok(settings().access_token, request.headers, request.args):
+        return None
+    log.warning("refused %s %s without a valid access token", request.method, request.path)
+    return {"error": "a valid access token is required"}, 401, {"WWW-Authenticate": "Bearer"}
 
 
 @blueprint.get("/")
@@ -32,10 +56,18 @@ async def chat() -> JsonReply:
     message, refusal = await _message()
     if refusal is not None:
         return refusal
+    service = chat_service()
     try:
-        return {"response": await chat_service().complete(message)}, 200
+        await service.limits.check_message(None, _client_ip())
+    except RateLimited as exc:
+        return _too_many(exc)
+    try:
+        return {"response": await service.complete(message)}, 200
     except UpstreamError as exc:
         log.warning("POST /chat failed upstream: %s", exc.code)
+        metrics.upstream_error(exc.code)
+        if isinstance(exc, CircuitOpen):  # down for a while: not this request's fault
+            return {"error": exc.message}, 503, {"Retry-After": str(exc.retry_after_s)}
         return {"error": exc.message}, 502
 
 
@@ -51,7 +83,9 @@ async def ask() -> JsonReply:
     if session is not None and not isinstance(session, str):
         return {"error": "session must be a string"}, 400
     try:
-        return await start_task(chat_service(), session, message), 202
+        return await start_task(chat_service(), session, message, _client_ip()), 202
+    except RateLimited as exc:
+        return _too_many(exc)
     except Busy as exc:
         return {"error": exc.message}, 409
     except (Restarting, Overloaded) as exc:
@@ -77,10 +111,20 @@ async def healthz() -> JsonReply:
     return {"status": "ok"}, 200
 
 
+@blueprint.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """This instance's metrics in the Prometheus text format (`chatbot.metrics`)."""
+    return Response(metrics.scrape(), content_type=metrics.CONTENT_TYPE)
+
+
 @blueprint.get("/readyz")
 async def readyz() -> JsonReply:
     """Ready to serve chats: the broker answers and the instance is not draining for a restart.
-    503 otherwise, so a balancer routes elsewhere."""
+    503 otherwise, so a balancer routes elsewhere.
+
+    The model service's state (`upstream`) is reported but never makes this 503: every instance
+    shares the one upstream, so failing readiness would take the whole site down, page included.
+    """
     service = chat_service()
     broker = await service.broker.check()
     ready = bool(broker.get("ok")) and not service.draining
@@ -91,8 +135,18 @@ async def readyz() -> JsonReply:
         "model": service.model.name,
         "demo": service.model.demo,
         "generations": service.generations_in_flight,
+        "upstream": service.model.upstream_status(),
     }
     return body, 200 if ready else 503
+
+
+def _client_ip() -> str:
+    return client_ip(request.remote_addr, request.headers, settings().trusted_proxy_hops)
+
+
+def _too_many(exc: RateLimited) -> JsonReply:
+    log.warning("refused %s %s: %s", request.method, request.path, exc.message)
+    return {"error": exc.message}, 429, {"Retry-After": str(exc.retry_after_s)}
 
 
 async def _message() -> tuple[str, JsonReply | None]:
@@ -105,6 +159,8 @@ async def _message() -> tuple[str, JsonReply | None]:
         message = (await request.form).get("message")
     if not message or not message.strip():
         return "", ({"error": "Message is required"}, 400)
+    if protocol.has_lone_surrogate(message):  # JSON's "\ud800": unencodable, poisons a session
+        return "", ({"error": "Message is not valid Unicode text (a lone surrogate)"}, 400)
     limit = settings().max_message_chars
     if len(message) > limit:
         return "", (

@@ -11,12 +11,14 @@ from urllib.parse import urlsplit
 
 from quart import Blueprint, abort, websocket
 
-from .. import protocol
+from .. import logs, metrics, protocol
 from ..app import chat_service, closing, settings
 from ..chat.feed import Feed
+from ..chat.limits import client_ip
 from ..chat.service import ChatService
-from ..errors import BrokerUnavailable, ClientError, SessionExpired
+from ..errors import BrokerUnavailable, ClientError, RateLimited, SessionExpired
 from ..protocol import CloseCode
+from .access import token_ok
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ async def chat_socket() -> None:
     if not origin_allowed(origin, websocket.headers.get("Host"), config.allowed_origins):
         log.warning("refused websocket from origin %r", origin)
         abort(403)
+    if not token_ok(config.access_token, websocket.headers, websocket.args):
+        log.warning("refused websocket without a valid access token")
+        abort(401)
     after_arg = websocket.args.get("after")
     if after_arg is not None and not (
         after_arg.isascii() and after_arg.isdigit() and len(after_arg) < 19
@@ -42,13 +47,25 @@ async def chat_socket() -> None:
     service = chat_service()
     if closing().is_set():
         abort(503)  # restarting: the client reconnects, through the balancer, elsewhere
+    ip = client_ip(websocket.remote_addr, websocket.headers, config.trusted_proxy_hops)
     try:
-        session, last = await service.open_session(websocket.args.get("session"))
+        async with service.limits.socket(ip):
+            session, last = await service.open_session(websocket.args.get("session"))
+            # Without `after` the socket starts live; `after` past the log's end means the end.
+            after = last if after_arg is None else min(int(after_arg), last)
+            logs.bind_session(session)
+            metrics.socket_connected(resumed=after_arg is not None)
+            await _serve(service, session, last, after, ip)
+    except RateLimited as exc:
+        log.warning("refused websocket: %s", exc.message)
+        abort(429)
     except BrokerUnavailable:
         abort(503)
-    # Without `after`, the socket starts live; `after` beyond the log's end means "from the end".
-    after = last if after_arg is None else min(int(after_arg), last)
+
+
+async def _serve(service: ChatService, session: str, last: int, after: int, ip: str) -> None:
     await websocket.accept()
+    metrics.SOCKETS_OPEN.inc()
     try:
         await websocket.send(
             protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
@@ -56,13 +73,19 @@ async def chat_socket() -> None:
         async with service.feed(session, after) as feed:
             ended = await _first_to_end(
                 _send_all(feed),
-                _receive_all(feed, service, session),
+                _receive_all(feed, service, session, ip),
                 _restart_signal(),
                 feed.overflowed.wait(),
             )
-        if ended == 2:
+        if ended == 1:
+            log.info("session %s…: closing a socket silent for too long", session[:6])
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await websocket.close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
+        elif ended == 2:
             await websocket.close(CloseCode.SERVICE_RESTART, "service restart")
         elif ended == 3:
+            metrics.SLOW_READER_CLOSES.inc()
             log.warning("session %s…: closing a socket that stopped reading", session[:6])
             with suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
@@ -74,6 +97,8 @@ async def chat_socket() -> None:
     except Exception:
         log.exception("websocket for session %s… failed", session[:6])
         await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+    finally:
+        metrics.SOCKETS_OPEN.dec()
 
 
 async def _first_to_end(*jobs: Coroutine[Any, Any, object]) -> int:
@@ -100,25 +125,37 @@ async def _send_all(feed: Feed) -> None:
         await websocket.send(frame)
 
 
-async def _receive_all(feed: Feed, service: ChatService, session: str) -> None:
+async def _receive_all(feed: Feed, service: ChatService, session: str, ip: str) -> None:
+    """Handle client frames until the client has been silent for WS_IDLE_TIMEOUT_S (then return:
+    a peer that neither speaks nor pings is taken for dead; Hypercorn's pings get no say, as it
+    never checks their pongs)."""
     max_chars = settings().max_message_chars
+    idle_s = settings().ws_idle_timeout_s or None
     while True:
-        raw = await websocket.receive()
+        try:
+            async with asyncio.timeout(idle_s):
+                raw = await websocket.receive()
+        except TimeoutError:
+            return
+        if raw is None:  # an empty binary frame: Quart reads `bytes or text` (quart/asgi.py)
+            raw = b""
         frame: protocol.ClientFrame | None = None
         try:
             frame = protocol.parse_client_frame(raw, max_chars=max_chars)
-            if isinstance(frame, protocol.Stop):
+            if isinstance(frame, protocol.Ping):
+                feed.push_local(protocol.PONG)
+            elif isinstance(frame, protocol.Stop):
                 await service.stop(session)
             else:
-                await service.submit(session, frame.text, frame.id)
+                await service.submit(session, frame.text, frame.id, client_ip=ip)
         except SessionExpired as exc:
             log.info("session %s… expired under an open socket", session[:6])
-            feed.push_local(protocol.encode(protocol.error(exc.code, exc.message, exc.ref)))
+            feed.push_local(protocol.encode(protocol.refusal(exc)))
             feed.end()  # the sender sends the error, then the socket closes
             await asyncio.Event().wait()  # until the sender, done, ends the socket
         except ClientError as exc:
             log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
-            feed.push_local(protocol.encode(protocol.error(exc.code, exc.message, exc.ref)))
+            feed.push_local(protocol.encode(protocol.refusal(exc)))
         except BrokerUnavailable:
             log.warning("session %s…: broker unavailable, message refused", session[:6])
             ref = frame.id if isinstance(frame, protocol.SendMessage) else None

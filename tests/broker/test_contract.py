@@ -135,5 +135,5 @@ def test_heroku_style_rediss_url_accepts_a_self_signed_certificate() -> None:
 
     url = "rediss://:secret@redis.example.com:6380/0?ssl_cert_reqs=none"
     broker = RedisBroker(Settings(redis_url=url))
-    connection = broker._pool.make_connection()  # no network: just how it would connect
+    connection = broker.pool.make_connection()  # no network: just how it would connect
     assert connection.ssl_context.cert_reqs == ssl.CERT_NONE

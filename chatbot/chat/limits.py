@@ -1,0 +1,134 @@
+"""Abuse limits: message rates per session and per client IP, a token budget per session, and
+concurrent sockets per IP. Shared by every instance when REDIS_URL is set.
+
+Rates and the budget use the `limits` library's sliding-window counters (its Redis storage runs
+on our own connection pool, so it costs no extra connections); the socket count is a broker
+counter. Over a limit nothing reaches the model: the client gets `rate_limited` with the seconds
+to wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from .. import metrics
+from ..broker import Broker
+from ..errors import BrokerUnavailable, RateLimited
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "chatbot:limits"
+SOCKET_COUNT_TTL_S = 3600  # a crashed instance's sockets stop counting after this long
+
+
+def client_ip(peer: str | None, headers: Mapping[str, str], trusted_hops: int) -> str:
+    """The client's address: the peer's, or with `trusted_hops` proxies in front (Heroku's router
+    is one), the address the outermost trusted proxy saw, from X-Forwarded-For. Entries further
+    left were written by the client itself and prove nothing."""
+    if trusted_hops <= 0:
+        return peer or "unknown"
+    forwarded = [a.strip() for a in headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    if len(forwarded) >= trusted_hops:
+        return forwarded[-trusted_hops]
+    return forwarded[0] if forwarded else (peer or "unknown")
+
+
+class AbuseLimits:
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._per_session = parse(settings.rate_limit_session)
+        self._per_ip = parse(settings.rate_limit_ip)
+        self._budget = parse(settings.session_token_budget)
+        self._limiter = SlidingWindowCounterRateLimiter(_storage(broker))
+
+    async def check_message(self, session: str | None, ip: str) -> None:
+        """Count one message; raise `RateLimited` (nothing else happens) when over a limit.
+
+        Without a session (the stateless `POST /chat`) only the IP's rate applies.
+        """
+        checks = [(self._per_ip, "ip", ip)]
+        if session is not None:
+            checks.insert(0, (self._per_session, "session", session))
+        for item, scope, key in checks:
+            if not await self._limiter.hit(item, scope, key):
+                metrics.rate_limited(scope)
+                raise RateLimited(
+                    f"too many messages from this {scope}: at most {_describe(item)}",
+                    scope=scope,
+                    retry_after_s=await self._retry_after(item, scope, key),
+                )
+        if session is not None and not await self._limiter.test(self._budget, "budget", session):
+            metrics.rate_limited("budget")
+            raise RateLimited(
+                f"this session has used its token budget ({_describe(self._budget)})",
+                scope="budget",
+                retry_after_s=await self._retry_after(self._budget, "budget", session),
+            )
+
+    async def charge_tokens(self, session: str, tokens: int) -> None:
+        """Spend a finished reply's tokens. A window refuses a hit larger than what is left, so
+        a reply that overdraws the budget spends exactly the rest of it."""
+        stats = await self._limiter.get_window_stats(self._budget, "budget", session)
+        cost = min(tokens, stats.remaining)
+        if cost > 0:
+            await self._limiter.hit(self._budget, "budget", session, cost=cost)
+
+    @asynccontextmanager
+    async def socket(self, ip: str) -> AsyncIterator[None]:
+        """Hold one of the IP's socket places for the block; `RateLimited` when none is left."""
+        key = f"{KEY_PREFIX}:sockets:{ip}"
+        count = await self._broker.adjust(key, 1, SOCKET_COUNT_TTL_S)
+        try:
+            if count > self._settings.max_sockets_per_ip:
+                metrics.rate_limited("sockets")
+                raise RateLimited(
+                    f"too many open sockets from this address "
+                    f"(at most {self._settings.max_sockets_per_ip})",
+                    scope="sockets",
+                    retry_after_s=1,
+                )
+            yield
+        finally:
+            try:
+                await self._broker.adjust(key, -1, SOCKET_COUNT_TTL_S)
+            except BrokerUnavailable:  # the count's TTL forgets this socket instead
+                log.warning("could not release a socket place of %s", ip)
+
+    async def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
+        stats = await self._limiter.get_window_stats(item, *identifiers)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+def estimate_tokens(*texts: str) -> int:
+    """About four characters a token, as OpenAI's tokenizers average for English text."""
+    return math.ceil(sum(len(text) for text in texts) / 4)
+
+
+def _describe(item: RateLimitItem) -> str:
+    unit = item.GRANULARITY.name
+    per = f"{item.multiples} {unit}s" if item.multiples > 1 else unit
+    return f"{item.amount} per {per}"
+
+
+def _storage(broker: Broker) -> Storage:
+    if broker.kind != "redis":
+        return MemoryStorage()
+    from ..broker.redis import RedisBroker
+
+    assert isinstance(broker, RedisBroker)
+    return RedisStorage(
+        "async+redis://",
+        implementation="redispy",
+        connection_pool=broker.pool,
+        key_prefix=KEY_PREFIX,
+    )

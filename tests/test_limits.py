@@ -1,0 +1,124 @@
+"""Abuse limits: message rates per session and IP, the token budget, sockets per IP."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from quart.testing.connections import WebsocketResponseError
+
+from chatbot.chat.limits import client_ip
+from chatbot.fake_openai import FakeOpenAI
+from chatbot.settings import Settings
+
+from .conftest import Socket
+from .support.procs import RedisProcess
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "hops", "expected"),
+    [
+        ("10.0.0.1", "", 0, "10.0.0.1"),
+        ("10.0.0.1", "6.6.6.6", 0, "10.0.0.1"),  # no trusted proxy: the header is ignored
+        ("10.0.0.1", "1.1.1.1", 1, "1.1.1.1"),
+        ("10.0.0.1", "6.6.6.6, 1.1.1.1", 1, "1.1.1.1"),  # the client wrote 6.6.6.6 itself
+        ("10.0.0.1", "6.6.6.6, 1.1.1.1, 10.0.0.2", 2, "1.1.1.1"),
+        ("10.0.0.1", "", 1, "10.0.0.1"),
+    ],
+)
+def test_client_ip_trusts_only_the_configured_proxy_hops(
+    peer: str, forwarded: str, hops: int, expected: str
+) -> None:
+    assert client_ip(peer, {"X-Forwarded-For": forwarded}, hops) == expected
+
+
+async def test_messages_per_session_are_limited_before_anything_is_stored(
+    app_with, settings, fake: FakeOpenAI
+) -> None:
+    async with app_with(settings.replace(rate_limit_session="3/minute")) as app:
+        async with app.test_client().websocket("/ws") as raw:
+            ws = Socket(raw)
+            await ws.recv()
+            for n in range(3):
+                await ws.send({"type": "message", "text": f"ok {n}"})
+                await ws.until_done()
+            await ws.send({"type": "message", "id": "fourth", "text": "one too many"})
+            refused = await ws.recv()
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "rate_limited", "fourth")
+    assert 0 < refused["retry_after"] <= 60
+    assert "seq" not in refused
+    assert len(fake.requests) == 3
+
+
+async def test_messages_per_ip_count_across_sessions_behind_a_trusted_proxy(
+    app_with, settings, fake: FakeOpenAI
+) -> None:
+    limited = settings.replace(rate_limit_ip="2/minute", trusted_proxy_hops=1)
+    async with app_with(limited) as app:
+        client = app.test_client()
+        codes = []
+        for forwarded in ("1.1.1.1", "1.1.1.1", "6.6.6.6, 1.1.1.1", "2.2.2.2"):
+            async with client.websocket("/ws", headers={"X-Forwarded-For": forwarded}) as raw:
+                ws = Socket(raw)
+                await ws.recv()
+                await ws.send({"type": "message", "text": "hi"})
+                frame = await ws.recv()
+                codes.append(frame.get("code", frame["type"]))
+                if frame["type"] == "user":
+                    await ws.until_done()
+    assert codes == ["user", "user", "rate_limited", "user"]
+
+
+async def test_the_token_budget_of_a_session(app_with, settings, fake: FakeOpenAI) -> None:
+    async with app_with(settings.replace(session_token_budget="40/day")) as app:
+        async with app.test_client().websocket("/ws") as raw:
+            ws = Socket(raw)
+            await ws.recv()
+            await ws.send({"type": "message", "text": "a question of some length " * 4})
+            await ws.until_done()
+            await ws.send({"type": "message", "text": "and another"})
+            refused = await ws.recv()
+    assert refused["code"] == "rate_limited"
+    assert "budget" in refused["message"]
+    assert len(fake.requests) == 1
+
+
+async def test_sockets_per_ip_are_limited_before_accept(app_with, settings) -> None:
+    async with app_with(settings.replace(max_sockets_per_ip=2)) as app:
+        client = app.test_client()
+        async with client.websocket("/ws") as first, client.websocket("/ws") as second:
+            for raw in (first, second):
+                assert (await Socket(raw).recv())["type"] == "ready"
+            with pytest.raises(WebsocketResponseError) as refused:
+                async with client.websocket("/ws"):
+                    pass
+            assert refused.value.response.status_code == 429
+        async with client.websocket("/ws") as again:  # places are given back on close
+            assert (await Socket(again).recv())["type"] == "ready"
+
+
+async def test_http_chat_is_limited_per_ip_with_retry_after(app_with, settings) -> None:
+    async with app_with(settings.replace(rate_limit_ip="1/minute")) as app:
+        client = app.test_client()
+        assert (await client.post("/chat", json={"message": "hi"})).status_code == 200
+        refused = await client.post("/chat", json={"message": "again"})
+        assert refused.status_code == 429
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        assert set(await refused.get_json()) == {"error"}
+        asked = await client.post("/api/ask", json={"message": "and by ask"})
+        assert asked.status_code == 429
+
+
+async def test_limits_are_shared_by_instances_through_redis(
+    app_with, redis_server: RedisProcess, fake: FakeOpenAI
+) -> None:
+    async with aioredis.from_url(redis_server.url) as admin:
+        await admin.flushall()
+    limited = Settings(
+        openai_base_url=fake.base_url, redis_url=redis_server.url, rate_limit_ip="2/minute"
+    )
+    async with app_with(limited) as one, app_with(limited) as two:
+        codes = []
+        for app in (one, two, one):
+            response = await app.test_client().post("/chat", json={"message": "hi"})
+            codes.append(response.status_code)
+    assert codes == [200, 200, 429]
