@@ -51,6 +51,7 @@ class Settings:
     ws_ping_interval_s: float = 20.0
     ws_max_message_bytes: int = 64 * 1024
     ws_idle_timeout_s: float = 90.0
+    ws_permessage_deflate: bool = False
     socket_backlog_bytes: int = 1024 * 1024
     session_ttl_s: int = 24 * 3600
     session_log_max_events: int = 5000
@@ -134,6 +135,7 @@ class Settings:
             ws_ping_interval_s=reader.get(
                 "WS_PING_INTERVAL_S", _positive(float), d.ws_ping_interval_s
             ),
+            ws_permessage_deflate=reader.get("WS_PERMESSAGE_DEFLATE", _bool, False),
             ws_idle_timeout_s=reader.get(
                 "WS_IDLE_TIMEOUT_S", _non_negative(float), d.ws_idle_timeout_s
             ),
@@ -257,6 +259,13 @@ def _origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and "://" not in origin:
             raise ValueError(f"each origin must be '*' or like https://example.com, not {origin!r}")
     return origins
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes"}
 
 
 def _secret(raw: str) -> str:

@@ -53,7 +53,12 @@ class Feed:
         return self
 
     async def __anext__(self) -> str:
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancellation that a client library swallowed below us (redis-py can, mid
+                # command) must still end the feed, or the socket's sender waits forever.
+                raise asyncio.CancelledError
             if self._backlog:
                 event = self._backlog.popleft()
                 if event.seq > self.last_seq:

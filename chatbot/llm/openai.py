@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import math
 import random
@@ -24,7 +25,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import httpx2
 import openai
+from openai import AsyncAPIResponse
 from openai.types.chat import ChatCompletionMessageParam
 
 from ..errors import UpstreamError
@@ -51,18 +54,23 @@ ANSWERED = frozenset({"upstream_auth", "upstream_rejected"})
 
 
 class OpenAIReply:
-    """A started stream. Iterating yields content pieces, each within its deadline."""
+    """A started stream. Iterating yields content pieces, each within its deadline.
+
+    The SDK sends, authenticates and retries the request; the server-sent events are parsed
+    here. Building the SDK's pydantic model for every chunk costs ~10x the CPU of decoding the
+    JSON (docs/benchmarks.md), and a relay needs two fields of it.
+    """
 
     def __init__(
         self,
-        stream: openai.AsyncStream[Any],
+        response: AsyncAPIResponse[Any],
         *,
         first_token_at: float,
         first_token_timeout_s: float,
         idle_timeout_s: float,
         on_first_token: Callable[[], None],
     ) -> None:
-        self._stream = stream
+        self._response = response
         self._first_token_at = first_token_at  # loop time by which the first piece must come
         self._first_token_timeout_s = first_token_timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -70,7 +78,7 @@ class OpenAIReply:
         self.finish_reason: str | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        chunks = aiter(self._stream)
+        lines = aiter(self._response.http_response.aiter_lines())
         started = False
         try:
             while True:
@@ -78,31 +86,36 @@ class OpenAIReply:
                 try:
                     if started:
                         async with asyncio.timeout(self._idle_timeout_s):
-                            chunk = await anext(chunks)
+                            line = await anext(lines)
                     else:
                         async with asyncio.timeout_at(self._first_token_at):
-                            chunk = await anext(chunks)
+                            line = await anext(lines)
                 except StopAsyncIteration:
                     break
-                if not chunk.choices:  # the usage chunk carries no choices
-                    continue
-                choice = chunk.choices[0]
-                if choice.delta is not None and choice.delta.content:
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                content, finish_reason = _delta_of(json.loads(payload))
+                if content:
                     if not started:
                         started = True
                         self._on_first_token()
-                    yield choice.delta.content
-                if choice.finish_reason:
-                    self.finish_reason = choice.finish_reason
+                    yield content
+                if finish_reason:
+                    self.finish_reason = finish_reason
         except TimeoutError:
             raise (
                 idle_timeout(self._idle_timeout_s)
                 if started
                 else first_token_timeout(self._first_token_timeout_s)
             ) from None
-        except openai.APIError as exc:
-            raise upstream_error(exc) from exc
-        except ValueError as exc:  # a malformed SSE event: the JSON decoder gives up
+        except httpx2.TransportError as exc:  # the connection broke or timed out mid-stream
+            raise UpstreamError(
+                "upstream_unreachable", "The connection to the model service broke mid-reply."
+            ) from exc
+        except ValueError as exc:  # an event that is not JSON, or not a completion chunk
             raise UpstreamError(
                 "upstream_malformed", "The model service sent a reply we could not read."
             ) from exc
@@ -110,6 +123,21 @@ class OpenAIReply:
             raise UpstreamError(
                 "upstream_incomplete", "The model service ended the reply before finishing it."
             )
+
+
+def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
+    """(content, finish_reason) of one `chat.completion.chunk` event; ValueError if it is none."""
+    if not isinstance(chunk, dict):
+        raise ValueError("a stream event that is not a JSON object")
+    if chunk.get("error"):
+        raise UpstreamError("upstream_error", "The model service failed mid-reply. Try again.")
+    choices = chunk.get("choices")
+    if not choices:  # the usage chunk carries no choices
+        return None, None
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    content = delta.get("content")
+    return (content if isinstance(content, str) else None), choice.get("finish_reason")
 
 
 class OpenAIModel:
@@ -141,10 +169,10 @@ class OpenAIModel:
         with self.breaker.attempt() as attempt:  # raises CircuitOpen: no call at all
             first_token_at = asyncio.get_running_loop().time() + self._first_token_timeout_s
             try:
-                stream = await self._open(list(messages), first_token_at)
+                response = await self._open(list(messages), first_token_at)
                 try:
                     yield OpenAIReply(
-                        stream,
+                        response,
                         first_token_at=first_token_at,
                         first_token_timeout_s=self._first_token_timeout_s,
                         idle_timeout_s=self._idle_timeout_s,
@@ -153,7 +181,7 @@ class OpenAIModel:
                 finally:
                     # Closing the response ends the upstream HTTP request now (stop, disconnect,
                     # timeout, error), instead of letting it generate tokens nobody reads.
-                    await stream.close()
+                    await response.close()
             except UpstreamError as exc:
                 if exc.code in DOWN:
                     attempt.failed()
@@ -161,9 +189,7 @@ class OpenAIModel:
                     attempt.succeeded()
                 raise
 
-    async def _open(
-        self, messages: list[Message], first_token_at: float
-    ) -> openai.AsyncStream[Any]:
+    async def _open(self, messages: list[Message], first_token_at: float) -> AsyncAPIResponse[Any]:
         """Send the request, retrying what is safe to retry while the first-token deadline
         allows."""
         loop = asyncio.get_running_loop()
@@ -171,11 +197,12 @@ class OpenAIModel:
         while True:
             try:
                 async with asyncio.timeout_at(first_token_at):
-                    return await self._client.chat.completions.create(
+                    # Entering raises the SDK's status errors; the caller closes the response.
+                    return await self._client.chat.completions.with_streaming_response.create(
                         model=self.name,
                         messages=cast("list[ChatCompletionMessageParam]", messages),
                         stream=True,
-                    )
+                    ).__aenter__()
             except TimeoutError:
                 raise first_token_timeout(self._first_token_timeout_s) from None
             except openai.APIError as exc:

@@ -110,7 +110,10 @@ async def _first_to_end(*jobs: Coroutine[Any, Any, object]) -> int:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a job that ignores its cancellation must not keep the socket's handler alive.
+        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+        if stuck:
+            log.error("%d socket job(s) ignored cancellation: %s", len(stuck), stuck)
     first = next(iter(done))
     first.result()
     return tasks.index(first)
