@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -16,7 +15,10 @@ from chatbot.app import create_app
 from chatbot.fake_openai import FakeOpenAI
 from chatbot.settings import Settings
 
+from .support.frames import FrameReader, seqs, text_of
 from .support.procs import RedisProcess
+
+__all__ = ["Socket", "seqs", "text_of"]
 
 RECEIVE_TIMEOUT_S = 5.0
 API_KEY = "sk-test-secret-key-that-must-never-leak"
@@ -76,32 +78,19 @@ async def app(app_with: AppFactory, settings: Settings) -> AsyncIterator[Quart]:
         yield test_app
 
 
-class Socket:
-    """A test WebSocket with receive timeouts and JSON helpers."""
+class Socket(FrameReader):
+    """A test-client WebSocket with receive timeouts and JSON helpers."""
+
+    timeout_s = RECEIVE_TIMEOUT_S
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
 
+    async def _receive(self) -> str | bytes:
+        return await self.raw.receive()  # type: ignore[no-any-return]
+
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         await self.raw.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
-
-    async def recv(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            return json.loads(await self.raw.receive())  # type: ignore[no-any-return]
-
-    async def until(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = RECEIVE_TIMEOUT_S
-    ) -> list[dict[str, Any]]:
-        """Frames up to and including the first that matches `predicate`."""
-        frames = []
-        async with asyncio.timeout(timeout_s):
-            while True:
-                frames.append(await self.recv(timeout_s))
-                if predicate(frames[-1]):
-                    return frames
-
-    async def until_done(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> list[dict[str, Any]]:
-        return await self.until(lambda f: f["type"] == "done", timeout_s)
 
 
 @pytest.fixture
@@ -121,11 +110,3 @@ def connect(app: Quart) -> Callable[..., Any]:
             yield ws, ready
 
     return open_socket
-
-
-def text_of(frames: list[dict[str, Any]], reply_to: str | None = None) -> str:
-    return "".join(
-        f["text"]
-        for f in frames
-        if f["type"] == "delta" and (reply_to is None or f["reply_to"] == reply_to)
-    )

@@ -12,6 +12,7 @@ import websockets
 
 from chatbot.fake_openai import reply_text
 
+from .support.frames import text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess
 
 BACKLOG_BYTES = 256 * 1024
@@ -48,10 +49,6 @@ async def read_to_done(ws: websockets.ClientConnection) -> list[dict]:
         while not frames or frames[-1]["type"] != "done":
             frames.append(json.loads(await ws.recv()))
     return frames
-
-
-def text_of(frames: list[dict]) -> str:
-    return "".join(f["text"] for f in frames if f["type"] == "delta")
 
 
 async def test_a_stalled_reader_is_closed_and_resumes_while_fast_readers_get_everything(

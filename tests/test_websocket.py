@@ -11,11 +11,7 @@ from quart.testing.connections import WebsocketDisconnectError, WebsocketRespons
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
 from chatbot.settings import DEFAULT_SYSTEM_PROMPT
 
-from .conftest import Socket, text_of
-
-
-def seqs(frames: list[dict]) -> list[int]:
-    return [f["seq"] for f in frames if "seq" in f]
+from .conftest import Socket, seqs, text_of
 
 
 async def test_ready_then_streamed_reply(connect, fake: FakeOpenAI) -> None:

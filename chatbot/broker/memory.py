@@ -56,7 +56,8 @@ class MemoryBroker:
         return {"ok": True, "backend": self.kind, "sessions": len(self._sessions)}
 
     async def create_session(self, session: str) -> None:
-        self._purge_expired()
+        # Expired sessions are purged by the periodic sweep (claim_expired), not here: a scan
+        # per new socket made opening N sockets O(N^2) (docs/benchmarks.md).
         self._sessions[session] = _Session(
             log=deque(maxlen=self._log_max), history=deque(maxlen=2 * self._history_turns)
         )

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import websockets
 
+from ..support.frames import FrameReader, seqs, text_of
 from ..support.procs import ChatbotProcess, FakeOpenAIProcess, HAProxyProcess, RedisProcess
 from ..support.waiting import wait_until
 
@@ -19,6 +20,8 @@ LEASE_S = 2.0
 RECEIVE_TIMEOUT_S = 10.0
 
 pytestmark = pytest.mark.cluster
+
+__all__ = ["Client", "connect", "seqs", "text_of"]
 
 
 class Cluster:
@@ -100,8 +103,10 @@ async def live(cluster: Cluster) -> Cluster:
     return cluster
 
 
-class Client:
+class Client(FrameReader):
     """A real WebSocket client (the `websockets` library) with receive timeouts."""
+
+    timeout_s = RECEIVE_TIMEOUT_S
 
     def __init__(self, ws: Any, ready: dict[str, Any]) -> None:
         self.ws = ws
@@ -109,25 +114,11 @@ class Client:
         self.session: str = ready["session"]
         self.server: str | None = ws.response.headers.get("X-Chatbot-Server")
 
+    async def _receive(self) -> str | bytes:
+        return await self.ws.recv()  # type: ignore[no-any-return]
+
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
-
-    async def recv(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            return json.loads(await self.ws.recv())  # type: ignore[no-any-return]
-
-    async def until(
-        self, predicate: Any, timeout_s: float = RECEIVE_TIMEOUT_S
-    ) -> list[dict[str, Any]]:
-        frames = []
-        async with asyncio.timeout(timeout_s):
-            while True:
-                frames.append(await self.recv(timeout_s))
-                if predicate(frames[-1]):
-                    return frames
-
-    async def until_done(self, timeout_s: float = RECEIVE_TIMEOUT_S) -> list[dict[str, Any]]:
-        return await self.until(lambda f: f["type"] == "done", timeout_s)
 
 
 @asynccontextmanager
@@ -147,13 +138,3 @@ async def connect(
     finally:
         async with asyncio.timeout(5):
             await ws.close()
-
-
-def text_of(frames: list[dict[str, Any]], reply_to: str | None = None) -> str:
-    return "".join(
-        f["text"] for f in frames if f["type"] == "delta" and reply_to in (None, f["reply_to"])
-    )
-
-
-def seqs(frames: list[dict[str, Any]]) -> list[int]:
-    return [f["seq"] for f in frames if "seq" in f]

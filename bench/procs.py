@@ -1,0 +1,208 @@
+"""Server processes for the benchmark and what they cost: CPU time and memory from /proc.
+
+Every server starts in its own process group on a free loopback port, optionally pinned to a set
+of CPUs, with its output in a log file, and is stopped by its own id (SIGTERM, then SIGKILL to its
+process group).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 30.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Added to the niceness of every process the benchmark starts (bench.run --nice).
+NICE = 0
+
+
+def _child_setup(cpus: frozenset[int] | None) -> None:
+    """Runs in the child before exec: pin it, give it the benchmark's priority, and let it open
+    as many sockets as allowed."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    if NICE:
+        os.nice(NICE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Server:
+    """One server process (and its children, e.g. gunicorn workers)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        port: int,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cpus: frozenset[int] | None = None,
+        health_path: str | None = "/healthz",
+    ) -> None:
+        self.name, self.argv, self.port, self.cpus = name, argv, port, cpus
+        self.env = {**os.environ, **(env or {})}
+        self.health_path = health_path
+        self.log = log_dir / f"{name}-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Server:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=lambda: _child_setup(self.cpus),
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
+            if self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not start in {START_TIMEOUT_S} s:\n{self.tail()}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+            if self.health_path is None:
+                return True
+            url = f"http://127.0.0.1:{self.port}{self.health_path}"
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the group: workers a master left behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def usage(self) -> Usage:
+        return Usage.of_tree(self.pid)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds (user+system, live children included, reaped ones via cutime/cstime), the
+    peak resident set (VmHWM, summed over the tree) and the current one (VmRSS), in bytes."""
+
+    cpu_s: float
+    peak_rss: int
+    rss: int
+    processes: int
+
+    @classmethod
+    def of_tree(cls, pid: int) -> Usage:
+        return cls.of_pids([pid, *descendants(pid)], reaped_of=pid)
+
+    @classmethod
+    def of_pids(cls, pids: Iterable[int], reaped_of: int | None = None) -> Usage:
+        cpu = peak = rss = count = 0.0
+        for pid in pids:
+            try:
+                fields = _stat_fields(pid)
+                status = _status(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            ticks = int(fields[13]) + int(fields[14])  # utime, stime
+            if pid == reaped_of:
+                ticks += int(fields[15]) + int(fields[16])  # cutime, cstime: reaped children
+            cpu += ticks / CLOCK_TICKS
+            peak += status.get("VmHWM", 0)
+            rss += status.get("VmRSS", 0)
+            count += 1
+        return cls(cpu_s=cpu, peak_rss=int(peak), rss=int(rss), processes=int(count))
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name is in parentheses and may contain spaces: split after its closing one.
+    return [
+        str(pid),
+        raw[raw.index("(") : raw.rindex(")") + 1],
+        *raw[raw.rindex(")") + 2 :].split(),
+    ]
+
+
+def _status(pid: int) -> dict[str, int]:
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[3])
+            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy (not idle or waiting) since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS  # user..steal; guest is inside user
+
+
+def python() -> str:
+    return sys.executable

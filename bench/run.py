@@ -1,0 +1,649 @@
+"""Run the whole benchmark on this machine and write the report.
+
+    python -m bench.run            # the full run (10-15 minutes), writes docs/benchmarks.md
+    python -m bench.run --quick    # a small smoke version (under a minute), writes to /tmp
+
+Every scenario starts its server afresh (so peak RSS is per scenario), against a fake OpenAI
+server (`chatbot.fake_openai`) that runs for the whole run, one per reply shape:
+
+- realistic: 300 ms to the first token, then 20 chunks 100 ms apart (about 2.2 s a reply);
+- token-rate: 300 ms, then 100 chunks 20 ms apart.
+
+Systems: ``upstream`` (no server: the load generator streams from the fake directly), ``flask``
+(`bench.flask_app` under ``gunicorn -w 4``, HTTP only), ``chatbot`` (one Hypercorn process,
+in-process broker), ``chatbot-redis`` (the same with REDIS_URL on the local redis-server, a
+dedicated db flushed before each scenario) and ``peer`` (`bench.fastapi_peer` on uvicorn).
+
+By default the server under test is pinned to CPU 0 and the fake upstream and load generator to
+the other CPUs, so the server has a core of its own, as it would in production, and the client
+side cannot steal from it. Every load is bounded in sessions and time; see bench/loadgen.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .procs import ROOT, Server, Usage, free_port, machine_busy_s, python
+from .report import (
+    Report,
+    holds,
+    keep_analysis,
+    machine,
+    merge,
+    now,
+    source_digest,
+    summarize,
+)
+
+SHAPES = {
+    # name: (ttft ms, chunks, interval ms)
+    "realistic": (300, 20, 100),
+    "token-rate": (300, 100, 20),
+}
+DEFAULT_LEVELS = (100, 1000)
+DEFAULT_LADDER = (20, 30, 50, 70, 150, 200, 300, 500, 700, 1500, 2000, 3000, 4000, 5000)
+REDIS_DB = 13
+
+
+# --quick: the same first-token time, fewer chunks, so a reply takes well under a second.
+QUICK_SHAPES = {"realistic": (300, 6, 100), "token-rate": (300, 20, 20)}
+
+
+def reply_s(shape: tuple[int, int, int]) -> float:
+    ttft, chunks, interval = shape
+    return (ttft + (chunks - 1) * interval) / 1000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    system: str  # upstream, flask, chatbot, chatbot-redis, peer
+    mode: str  # ws, http, upstream, idle
+    pattern: str  # burst, steady, idle
+    n: int
+    shape: str = "realistic"
+    messages: int = 1
+    compression: str = "deflate"  # what the client offers
+    server_deflate: bool = False  # chatbot: WS_PERMESSAGE_DEFLATE=true (it declines by default)
+
+    def label(self) -> str:
+        extra = "" if self.compression == "deflate" else " no-deflate"
+        extra += " server-deflate" if self.server_deflate else ""
+        return f"{self.system} {self.mode}/{self.pattern} {self.shape} N={self.n}{extra}"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        procs.NICE = args.nice
+        self.run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = not args.no_pin and len(cpus) >= 2
+        self.server_cpus = frozenset(cpus[:1]) if pin else None
+        self.client_cpus = frozenset(cpus[1:]) if pin else None
+        self.shapes = QUICK_SHAPES if args.quick else SHAPES
+        self.fakes: dict[str, Server] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.failures = 0  # scenarios that could not be measured (the exit status says so)
+        self.started = time.monotonic()
+        self.redis_ok = self._redis_available()
+        self.digest = source_digest()
+        self.profile: tuple[Path, int, int] | None = None  # (raw output, seconds, rate)
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def fake(self, shape: str) -> Server:
+        if shape not in self.fakes:
+            ttft, chunks, interval = self.shapes[shape]
+            port = free_port()
+            argv = [python(), "-m", "chatbot.fake_openai", "--port", str(port)]
+            argv += [
+                "--ttft-ms",
+                str(ttft),
+                "--chunks",
+                str(chunks),
+                "--interval-ms",
+                str(interval),
+            ]
+            server = Server(
+                f"fake-{shape}",
+                argv,
+                port=port,
+                log_dir=self.run_dir,
+                cpus=self.client_cpus,
+                health_path="/v1/models",
+            )
+            self.fakes[shape] = server.start()
+        return self.fakes[shape]
+
+    def server(self, system: str, fake: Server, port: int, deflate: bool = False) -> Server | None:
+        upstream = {
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{fake.port}/v1",
+            "OPENAI_API_KEY": "sk-bench",
+        }
+        common = {"log_dir": self.run_dir, "port": port, "cpus": self.server_cpus}
+        if system == "upstream":
+            return None
+        if system == "flask":
+            argv = [python(), "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}"]
+            argv += ["--backlog", "2048", "bench.flask_app:app"]
+            return Server("flask", argv, env=upstream, health_path="/", **common).start()
+        if system in ("chatbot", "chatbot-redis"):
+            env = {**upstream, "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_GRACE_S": "2"}
+            if deflate:
+                env["WS_PERMESSAGE_DEFLATE"] = "true"
+            if system == "chatbot-redis":
+                env["REDIS_URL"] = f"redis://127.0.0.1:6379/{REDIS_DB}"
+                self._flush_redis()
+            argv = [python(), "-m", "chatbot", "serve"]
+            return Server(system, argv, env=env, **common).start()
+        if system == "peer":
+            argv = [python(), "-m", "uvicorn", "bench.fastapi_peer:app", "--port", str(port)]
+            argv += ["--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
+            argv += ["--no-access-log", "--log-level", "warning", "--backlog", "2048"]
+            return Server("peer", argv, env=upstream, **common).start()
+        raise ValueError(system)
+
+    def _redis_available(self) -> bool:
+        try:
+            import redis
+
+            redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=2).ping()
+            return True
+        except Exception:
+            return False
+
+    def _flush_redis(self) -> None:
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=5).flushdb()
+
+    def _redis_usage(self) -> Usage | None:
+        import redis
+
+        try:
+            info = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2).info("server")
+            return Usage.of_pids([int(info["process_id"])])
+        except Exception:
+            return None
+
+    # -- one scenario -----------------------------------------------------------------------------
+
+    def run(self, sc: Scenario) -> dict[str, Any]:
+        """Run one scenario and add its row; a scenario that breaks becomes a note. Another
+        program busy on this machine meanwhile (over `--max-other-cpu` of a core) spoils the
+        numbers: the scenario runs again, once, and its row says how busy the machine was."""
+        for attempt in (1, 2):
+            try:
+                raw, usage = self._drive(sc)
+            except Exception as exc:
+                self.notes.append(f"{sc.label()}: not measured: {exc}"[:400])
+                self.failures += 1
+                print(f"bench: {sc.label()} FAILED: {exc}", flush=True)
+                return {"holds": False}
+            other = usage["other_cpu_s"] / usage["window_s"]
+            if other <= self.args.max_other_cpu or attempt == 2:
+                break
+            print(f"bench: {sc.label()}: other programs used {other:.0%} of a core; again")
+            self.notes.append(
+                f"{sc.label()}: measured twice, other programs on the machine used {other:.0%} "
+                "of a core during the first run"
+            )
+            time.sleep(2)
+        row = summarize(
+            {
+                "system": sc.system,
+                "mode": sc.mode,
+                "pattern": sc.pattern,
+                "shape": sc.shape,
+                "chunks": self.shapes[sc.shape][1],
+                "n": sc.n,
+                "messages": sc.messages,
+                "compression": sc.compression,
+                "server_deflate": sc.server_deflate,
+            },
+            raw,
+            usage,
+        )
+        if sc.pattern == "burst" and sc.mode == "ws":
+            row["holds"] = holds(row, self.bare_row(sc.n, sc.shape, sc.pattern))
+        self.rows.append(row)
+        print(_line(row), flush=True)
+        return row
+
+    def _drive(self, sc: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start the load generators (they import meanwhile), the server, warm up, sample the
+        server's usage, run the load, sample again."""
+        if sc.system == "chatbot-redis" and not self.redis_ok:
+            raise RuntimeError("no redis-server answers on 127.0.0.1:6379")
+        fake = self.fake(sc.shape)
+        _post(f"http://127.0.0.1:{fake.port}/_fake/reset")
+        port = free_port()
+        shape = self.shapes[sc.shape]
+        spread = reply_s(shape) if sc.pattern == "steady" else 0.0
+        per_reply = max(10.0, 4 * reply_s(shape))
+        deadline = spread + sc.messages * per_reply + 20
+        if sc.system == "flask":
+            deadline = self.args.flask_deadline_s
+        if sc.mode == "idle":
+            deadline = 60.0
+        url = {
+            "upstream": f"http://127.0.0.1:{fake.port}/v1/chat/completions",
+            "http": f"http://127.0.0.1:{port}/chat",
+            "ws": f"ws://127.0.0.1:{port}/ws",
+            "idle": f"ws://127.0.0.1:{port}/ws",
+        }[sc.mode]
+        clients = max(1, min(self.args.clients, sc.n))
+        share = [sc.n // clients + (1 if i < sc.n % clients else 0) for i in range(clients)]
+        procs, outs = [], []
+        server: Server | None = None
+        usage: dict[str, Any] = {}
+        try:
+            for i, n in enumerate(share):
+                out = self.run_dir / f"loadgen-{len(self.rows)}-{i}.json"
+                argv = [python(), "-m", "bench.loadgen", "--mode", sc.mode, "--url", url]
+                argv += ["--n", str(n), "--offset", str(sum(share[:i]))]
+                argv += ["--messages", str(sc.messages), "--spread-s", str(spread)]
+                argv += ["--chunks", str(shape[1]), "--deadline-s", str(deadline)]
+                argv += ["--compression", sc.compression, "--sync", "--out", str(out)]
+                argv += ["--sessions-per-ip", str(self.args.sessions_per_ip)]
+                procs.append(_spawn_client(argv, self.client_cpus, self.run_dir))
+                outs.append(out)
+            server = self.server(sc.system, fake, port, sc.server_deflate)
+            for proc in procs:
+                _expect(proc, "loaded", 60)
+                _say(proc, "warm")
+            for proc in procs:
+                _expect(proc, "ready", 60)
+            before = server.usage() if server else None
+            fake_before = fake.usage()
+            redis_before = self._redis_usage() if sc.system == "chatbot-redis" else None
+            busy_before, window_start = machine_busy_s(), time.monotonic()
+            for proc in procs:
+                _say(proc, "go")
+            spy = self._spy(server)
+            if sc.mode == "idle":
+                for proc in procs:
+                    _expect(proc, "held", deadline + 30)
+                time.sleep(self.args.settle_s)  # let the server settle before sampling
+                held = server.usage() if server else None
+                usage["rss_before"] = before.rss if before else None
+                usage["rss_held"] = held.rss if held else None
+                for proc in procs:
+                    _say(proc, "release")
+            for proc in procs:
+                try:
+                    proc.wait(timeout=deadline + 60)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError("the load generator overran its deadline") from None
+            busy = machine_busy_s() - busy_before
+            usage["window_s"] = time.monotonic() - window_start
+            after = server.usage() if server else None
+            fake_after = fake.usage()
+            if spy is not None:
+                spy.wait(timeout=60)
+            redis_after = self._redis_usage() if redis_before is not None else None
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            if server is not None:
+                server.stop()
+        results = []
+        for proc, out in zip(procs, outs, strict=True):
+            if proc.returncode != 0 or not out.exists():
+                log = Path(self.run_dir / f"loadgen-{proc.pid}.log").read_text()[-2000:]
+                raise RuntimeError(f"the load generator failed ({proc.returncode}):\n{log}")
+            results.append(json.loads(out.read_text()))
+        if before is not None and after is not None:
+            usage["server_cpu_s"] = after.cpu_s - before.cpu_s
+            usage["peak_rss"] = after.peak_rss
+            usage["server_processes"] = after.processes
+        usage["fake_cpu_s"] = fake_after.cpu_s - fake_before.cpu_s
+        if redis_before is not None and redis_after is not None:
+            usage["redis_cpu_s"] = redis_after.cpu_s - redis_before.cpu_s
+        raw = merge(results)
+        ours = sum(usage.get(k, 0.0) for k in ("server_cpu_s", "fake_cpu_s", "redis_cpu_s"))
+        usage["other_cpu_s"] = max(0.0, busy - ours - raw["client_cpu_s"])
+        return raw, usage
+
+    def _spy(self, server: Server | None) -> subprocess.Popen[bytes] | None:
+        """py-spy attached to the server for the first seconds of the load (bench.profile)."""
+        if self.profile is None or server is None:
+            return None
+        out, seconds, rate = self.profile
+        argv = [str(Path(python()).parent / "py-spy"), "record", "--pid", str(server.pid)]
+        argv += ["--duration", str(seconds), "--rate", str(rate), "--format", "raw"]
+        argv += ["--output", str(out), "--nonblocking"]
+        log = (self.run_dir / "py-spy.log").open("wb")
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    # -- searches ---------------------------------------------------------------------------------
+
+    def over_budget(self) -> bool:
+        return time.monotonic() - self.started > self.args.budget_s
+
+    def search(self, system: str, pattern: str, messages: int) -> None:
+        """Measure the fixed levels, then bisect the ladder for the highest level that holds
+        (assuming that a level holds when a higher one does): between the highest level known
+        to hold and the lowest known to fail above it, up to the ladder's ends."""
+        held: dict[int, bool] = {}
+        for n in self.args.levels:
+            held[n] = self.ws(system, pattern, n, messages)["holds"]
+        ladder = sorted(set(self.args.ladder) | set(self.args.levels))
+        while True:
+            ok = [n for n, h in held.items() if h]
+            lo = max(ok) if ok else 0
+            failing = [n for n, h in held.items() if not h and n > lo]
+            hi = min(failing) if failing else None
+            between = [n for n in ladder if n > lo and (hi is None or n < hi) and n not in held]
+            if not between:
+                return
+            # Up from a level that holds: the next rung (each costs more than the last).
+            # Below a failure: the middle rung.
+            n = between[0] if hi is None else between[len(between) // 2]
+            if self.over_budget():
+                self.notes.append(
+                    f"{system} {pattern}: search stopped at the time budget before N={n:,}"
+                )
+                return
+            held[n] = self.ws(system, pattern, n, messages)["holds"]
+
+    def ws(self, system: str, pattern: str, n: int, messages: int) -> dict[str, Any]:
+        if pattern == "burst" and self.args.bare:
+            self.bare(n, "realistic", "burst")
+        return self.run(Scenario(system, "ws", pattern, n, messages=messages))
+
+    def bare_row(self, n: int, shape: str, pattern: str) -> dict[str, Any] | None:
+        for r in self.rows:
+            if (r["system"], r["n"], r["shape"], r["pattern"]) == ("upstream", n, shape, pattern):
+                return r
+        return None
+
+    def bare(self, n: int, shape: str, pattern: str) -> None:
+        if self.bare_row(n, shape, pattern) is None:
+            messages = self.args.steady_messages if pattern == "steady" else 1
+            self.run(Scenario("upstream", "upstream", pattern, n, shape=shape, messages=messages))
+
+
+def _spawn_client(
+    argv: list[str], cpus: frozenset[int] | None, run_dir: Path
+) -> subprocess.Popen[str]:
+    from .procs import _child_setup
+
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: _child_setup(cpus),
+    )
+    # stderr to a log named by pid, read only when the client fails
+    log = (run_dir / f"loadgen-{proc.pid}.log").open("w")
+    _drain_later(proc, log)
+    return proc
+
+
+def _drain_later(proc: subprocess.Popen[str], log: Any) -> None:
+    import threading
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.write(line)
+            log.flush()
+        log.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+def _expect(proc: subprocess.Popen[str], word: str, timeout_s: float) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise TimeoutError(f"the load generator did not say {word!r} in {timeout_s} s")
+    line = proc.stdout.readline()
+    if not line.startswith(word):
+        raise RuntimeError(f"the load generator said {line!r}, expected {word!r}")
+    return line
+
+
+def _say(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+
+
+def _post(url: str) -> None:
+    request = urllib.request.Request(url, data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def _line(row: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f}ms"
+
+    cpu = row.get("server_cpu_s")
+    parts = [
+        f"{row['system']:>13} {row['mode']:>8}/{row['pattern']:<6} {row['shape']:<10}",
+        f"N={row['n']:<5} {row['compression']:<7}",
+        f"wall {row['wall_s']:.1f}s ok {row['replies_ok']}/{row['replies_expected']}",
+        f"err {row['errors']} {row['error_kinds'] or ''}",
+        f"ttfd+ p50 {ms(row['ttfd_overhead_p50_s'])} p99 {ms(row['ttfd_overhead_p99_s'])}",
+        f"first p99 {ms(row['first_text_p99_s'])} total p99 {ms(row['total_p99_s'])}",
+        f"cpu {cpu:.2f}s" if cpu is not None else "",
+        f"rss/sock {row['rss_per_socket_kib']:.1f}KiB" if row.get("rss_per_socket_kib") else "",
+        f"client {row['client_cpu_pct']:.0f}%" if row.get("client_cpu_pct") else "",
+        f"other {row['other_cpu_pct']:.0f}%" if row.get("other_cpu_pct") is not None else "",
+        f"deflate {row['negotiated']}" if row.get("negotiated") else "",
+        "HOLDS" if row["holds"] else "",
+    ]
+    return " | ".join(p for p in parts if p)
+
+
+def plan(bench: Bench) -> None:
+    """The whole benchmark, in order."""
+    a = bench.args
+    steady_m = a.steady_messages
+    # Upstream's own latency at the fixed levels (burst levels found in searches add theirs).
+    for n in a.levels:
+        bench.bare(n, "realistic", "burst")
+    # The baseline: Flask under gunicorn, HTTP only; then the same contract on the others.
+    for n in a.flask_levels:
+        bench.run(Scenario("flask", "http", "burst", n))
+    for system in ("chatbot", "peer"):
+        for n in a.levels:
+            bench.run(Scenario(system, "http", "burst", n))
+    # WebSocket: steady and burst, searching for the highest level that holds.
+    for pattern, messages in (("steady", steady_m), ("burst", 1)):
+        bench.search("chatbot", pattern, messages)
+        bench.search("peer", pattern, messages)
+        if bench.redis_ok:
+            for n in a.levels:
+                bench.ws("chatbot-redis", pattern, n, messages)
+        else:
+            bench.notes.append("no redis-server on 127.0.0.1:6379: Redis mode not measured")
+    # Token rate: CPU per chunk (a server saturates at far fewer sessions in this shape).
+    for n in a.token_levels:
+        bench.bare(n, "token-rate", "steady")
+        systems = ["chatbot", "peer"] + (["chatbot-redis"] if bench.redis_ok else [])
+        for system in systems:
+            bench.run(Scenario(system, "ws", "steady", n, shape="token-rate", messages=steady_m))
+    # permessage-deflate: what an idle socket costs with and without it, and CPU under load.
+    # The chatbot declines it unless WS_PERMESSAGE_DEFLATE=true: measure both; the peer
+    # (uvicorn) accepts it when offered.
+    n = min(a.levels)
+    for system, deflate in (("chatbot", False), ("chatbot", True), ("peer", False)):
+        for compression in ("deflate", "none"):
+            if compression == "none" and deflate:
+                continue  # nothing to negotiate: the same as the server's default
+            sc = Scenario(system, "idle", "idle", a.idle_sockets, compression=compression)
+            bench.run(dataclasses.replace(sc, server_deflate=deflate))
+    bench.run(Scenario("chatbot", "ws", "steady", n, messages=steady_m, server_deflate=True))
+    bench.run(Scenario("chatbot", "ws", "steady", n, messages=steady_m, compression="none"))
+    bench.run(Scenario("peer", "ws", "steady", n, messages=steady_m, compression="none"))
+
+
+def build_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with defaults filled in (they depend on --quick)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (< 1 minute)")
+    parser.add_argument("--levels", help="fixed concurrency levels (default 100,1000)")
+    parser.add_argument("--ladder", help="levels to search for the highest that holds")
+    parser.add_argument("--token-levels", help="token-rate levels (default 20,100)")
+    parser.add_argument("--flask-levels", help="Flask baseline levels (default 100,1000)")
+    parser.add_argument("--flask-deadline-s", type=float, help="Flask's time bound (default 30)")
+    parser.add_argument("--steady-messages", type=int, help="messages per steady session (3)")
+    parser.add_argument("--idle-sockets", type=int, help="idle sockets (default 5000)")
+    parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--budget-s", type=float, help="stop searching after this (default 720)")
+    parser.add_argument("--no-bare", dest="bare", action="store_false",
+                        help="skip the bare-upstream run for each burst level")  # fmt: skip
+    parser.add_argument("--settle-s", type=float, help="idle: wait before sampling RSS (2)")
+    parser.add_argument("--sessions-per-ip", type=int, default=10, help="see bench.loadgen")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness added to every process started, e.g. -10 when other "
+                        "programs share the machine (root only for < 0)")  # fmt: skip
+    parser.add_argument("--max-other-cpu", type=float,
+                        help="rerun a scenario if other programs used more cores")  # fmt: skip
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--out", help="markdown report (default docs/benchmarks.md, or "
+                        "/tmp/bench-quick.md with --quick)")  # fmt: skip
+    parser.add_argument("--json", help="also write every row as JSON here")
+    parser.add_argument("--render", metavar="ROWS_JSON",
+                        help="only re-render the report from a run's rows.json")  # fmt: skip
+    args = parser.parse_args(argv)
+    quick = args.quick
+
+    def levels(raw: str | None, default: tuple[int, ...]) -> list[int]:
+        return sorted({int(x) for x in raw.split(",") if x.strip()}) if raw else list(default)
+
+    args.levels = levels(args.levels, (50,) if quick else DEFAULT_LEVELS)
+    args.ladder = levels(args.ladder, () if quick else DEFAULT_LADDER)
+    args.token_levels = levels(args.token_levels, (50,) if quick else (20, 100))
+    args.flask_levels = levels(args.flask_levels, (4,) if quick else DEFAULT_LEVELS)
+    args.flask_deadline_s = args.flask_deadline_s or (8.0 if quick else 30.0)
+    args.steady_messages = args.steady_messages or (1 if quick else 3)
+    args.idle_sockets = args.idle_sockets or (200 if quick else 5000)
+    args.max_other_cpu = args.max_other_cpu or (float("inf") if quick else 0.75)
+    args.settle_s = args.settle_s or (0.5 if quick else 2.0)
+    args.budget_s = args.budget_s or (45.0 if quick else 720.0)
+    args.out = Path(args.out or ("/tmp/bench-quick.md" if quick else ROOT / "docs/benchmarks.md"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        report = Report(saved["rows"], saved["meta"])
+        args.out.write_text(report.markdown(keep_analysis(args.out)))
+        print(f"bench: report in {args.out}")
+        return 0
+    # SIGTERM as an exception, so `finally` blocks stop every server and load generator.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    quick = args.quick
+    out = args.out
+    bench = Bench(args)
+    print(f"bench: logs in {bench.run_dir}", flush=True)
+    try:
+        (quick_plan if quick else plan)(bench)
+    finally:
+        for fake in bench.fakes.values():
+            fake.stop()
+    if source_digest() != bench.digest:
+        bench.notes.append(
+            "chatbot/ changed while the benchmark ran (other work in progress): scenarios early "
+            "and late in the run measured different versions"
+        )
+    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    pinning = (
+        f"Server on CPU {sorted(bench.server_cpus)}, fake upstream and load generator on CPU "
+        f"{sorted(bench.client_cpus)}"
+        if bench.server_cpus
+        else "No CPU pinning"
+    )
+    meta = {
+        "date": now(),
+        "command": command.strip(),
+        "machine": machine(bench.digest),
+        "steady_messages": args.steady_messages,
+        "notes": bench.notes,
+        "setup": (
+            f"All processes on this one machine, over loopback. {pinning}. One load-generator "
+            "process per scenario (asyncio + uvloop; the `websockets` client, with its default "
+            "permessage-deflate offer unless a table says otherwise; raw HTTP/1.1 through h11 "
+            "for `POST /chat` and the bare upstream). Sessions connect from "
+            f"{args.sessions_per_ip} per source address across 127.0.0.2 and up (all of "
+            "127.0.0.0/8 is loopback), like users behind many NATs, so the chatbot's per-IP "
+            "limits (sockets and message rate per IP) apply as in production and are not "
+            "reconfigured. The fake upstream (`chatbot.fake_openai`) runs for the whole run; "
+            "each server starts afresh for each scenario, with default settings apart from the "
+            "upstream's URL, after a few warm-up exchanges that are not measured. Steady: "
+            "sessions start evenly over one reply time and each sends "
+            f"{args.steady_messages} messages back to back, so about N replies are in flight. "
+            "Burst: all N connect and send at once. Flask is bounded to "
+            f"{args.flask_deadline_s:.0f} s per scenario: requests not answered by then count "
+            f"as timeouts. Whole run: {(time.monotonic() - bench.started) / 60:.1f} min."
+            + (
+                f" Every process the benchmark started ran at niceness {args.nice}, because "
+                "other programs shared the machine during the run (*other CPU %* in the tables)."
+                if args.nice
+                else ""
+            )
+        ),
+    }
+    report = Report(bench.rows, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.markdown(keep_analysis(out)))
+    json_path = Path(args.json) if args.json else bench.run_dir / "rows.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=1))
+    print(f"bench: report in {out}, rows in {json_path}", flush=True)
+    print(f"bench: finished in {time.monotonic() - bench.started:.0f} s", flush=True)
+    if bench.failures:
+        print(f"bench: {bench.failures} scenario(s) could not be measured", flush=True)
+    return 1 if bench.failures else 0
+
+
+def quick_plan(bench: Bench) -> None:
+    """A smoke version of `plan`: every system and mode once, small."""
+    a = bench.args
+    n = a.levels[0]
+    bench.bare(n, "realistic", "burst")
+    bench.run(Scenario("flask", "http", "burst", a.flask_levels[0]))
+    bench.ws("chatbot", "burst", n, 1)
+    bench.ws("chatbot", "steady", n, a.steady_messages)
+    bench.ws("peer", "burst", n, 1)
+    if bench.redis_ok:
+        bench.ws("chatbot-redis", "steady", n, a.steady_messages)
+    bench.run(Scenario("chatbot", "ws", "burst", n, shape="token-rate"))
+    for deflate in (False, True):
+        bench.run(Scenario("chatbot", "idle", "idle", a.idle_sockets, server_deflate=deflate))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
