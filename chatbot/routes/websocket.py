@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 blueprint = Blueprint("websocket", __name__)
 
-# A client that stopped reading may not take the close frame either; then just let go.
+# Bound on closing a socket and on stopping its jobs: a stalled peer or a stuck job lets go.
 CLOSE_TIMEOUT_S = 2.0
 
 
@@ -79,26 +79,28 @@ async def _serve(service: ChatService, session: str, last: int, after: int, ip: 
             )
         if ended == 1:
             log.info("session %s…: closing a socket silent for too long", session[:6])
-            with suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await websocket.close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
+            await _close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
         elif ended == 2:
-            await websocket.close(CloseCode.SERVICE_RESTART, "service restart")
+            await _close(CloseCode.SERVICE_RESTART, "service restart")
         elif ended == 3:
             metrics.SLOW_READER_CLOSES.inc()
             log.warning("session %s…: closing a socket that stopped reading", session[:6])
-            with suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await websocket.close(
-                        CloseCode.TRY_AGAIN_LATER, "too slow: reconnect and resume with after"
-                    )
+            await _close(CloseCode.TRY_AGAIN_LATER, "too slow: reconnect and resume with after")
     except asyncio.CancelledError:
         raise  # the client went away; Quart cancels the handler
     except Exception:
         log.exception("websocket for session %s… failed", session[:6])
-        await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+        await _close(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
         metrics.SOCKETS_OPEN.dec()
+
+
+async def _close(code: CloseCode, reason: str) -> None:
+    """Close with `code`; a client that stopped reading may not take the close frame either,
+    so after CLOSE_TIMEOUT_S let go (the connection ends when the handler returns)."""
+    with suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await websocket.close(code, reason)
 
 
 async def _first_to_end(*jobs: Coroutine[Any, Any, object]) -> int:
