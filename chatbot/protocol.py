@@ -104,17 +104,19 @@ def parse_client_frame(raw: str | bytes, *, max_chars: int) -> ClientFrame:
     text = data.get("text")
     if not isinstance(text, str):
         raise FrameError(f'expected "text" to be a string, got {_json_kind(text)}', ref=client_id)
-    if has_lone_surrogate(text):
-        raise FrameError(
-            f'expected "text" to be Unicode text, got {_LONE_SURROGATE}', ref=client_id
-        )
-    if not text.strip():
-        raise FrameError("the message text is empty", code="empty", ref=client_id)
-    if len(text) > max_chars:
-        raise TooLong(
-            f"the message has {len(text)} characters; the limit is {max_chars}", ref=client_id
-        )
+    check_text(text, max_chars, ref=client_id)
     return SendMessage(text=text, id=client_id)
+
+
+def check_text(text: str, max_chars: int, *, ref: str | None = None) -> None:
+    """The rules for a user message's text, on every route: Unicode, not blank, not too long.
+    Raises `FrameError` (code `invalid_frame` or `empty`) or `TooLong`."""
+    if has_lone_surrogate(text):
+        raise FrameError(f'expected "text" to be Unicode text, got {_LONE_SURROGATE}', ref=ref)
+    if not text.strip():
+        raise FrameError("the message text is empty", code="empty", ref=ref)
+    if len(text) > max_chars:
+        raise TooLong(f"the message has {len(text)} characters; the limit is {max_chars}", ref=ref)
 
 
 def new_id() -> str:

@@ -15,6 +15,7 @@ from ..errors import (
     BrokerUnavailable,
     Busy,
     CircuitOpen,
+    ClientError,
     Overloaded,
     RateLimited,
     Restarting,
@@ -157,14 +158,11 @@ async def _message() -> tuple[str, JsonReply | None]:
         message = value if isinstance(value, str) else None
     else:
         message = (await request.form).get("message")
-    if not message or not message.strip():
+    if not message:
         return "", ({"error": "Message is required"}, 400)
-    if protocol.has_lone_surrogate(message):  # JSON's "\ud800": unencodable, poisons a session
-        return "", ({"error": "Message is not valid Unicode text (a lone surrogate)"}, 400)
-    limit = settings().max_message_chars
-    if len(message) > limit:
-        return "", (
-            {"error": f"Message is too long ({len(message)} characters; limit {limit})"},
-            400,
-        )
+    try:
+        protocol.check_text(message, settings().max_message_chars)
+    except ClientError as exc:
+        # A blank message keeps the Flask contract's wording; the rest say what was wrong.
+        return "", ({"error": "Message is required" if exc.code == "empty" else exc.message}, 400)
     return message, None
