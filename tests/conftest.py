@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from chatbot.settings import Settings
 from .support.frames import FrameReader, seqs, text_of
 from .support.procs import RedisProcess
 
-__all__ = ["Socket", "seqs", "text_of"]
+__all__ = ["Socket", "ready_sockets", "seqs", "text_of"]
 
 RECEIVE_TIMEOUT_S = 5.0
 API_KEY = "sk-test-secret-key-that-must-never-leak"
@@ -91,6 +91,19 @@ class Socket(FrameReader):
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         await self.raw.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+
+
+@asynccontextmanager
+async def ready_sockets(app: Quart, n: int) -> AsyncIterator[list[Socket]]:
+    """`n` sockets on `app`, each on a new session and past its `ready` frame."""
+    async with AsyncExitStack() as stack:
+        client = app.test_client()
+        sockets = [
+            Socket(await stack.enter_async_context(client.websocket("/ws"))) for _ in range(n)
+        ]
+        for ws in sockets:
+            assert (await ws.recv())["type"] == "ready"
+        yield sockets
 
 
 @pytest.fixture

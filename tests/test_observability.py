@@ -24,7 +24,7 @@ from chatbot.fake_openai import FakeOpenAI
 from chatbot.logs import JsonFormatter, TextFormatter
 from chatbot.settings import Settings
 
-from .conftest import Socket
+from .conftest import ready_sockets
 from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess
 from .support.waiting import wait_until
 
@@ -158,22 +158,17 @@ async def test_the_queue_and_overload_refusals_are_visible(
     fake.configure(chunks=400, interval_ms=20)
     async with app_with(settings.replace(max_generations=1, max_queued_replies=1)) as app:
         before = await scrape(app)
-        client = app.test_client()
-        async with client.websocket("/ws") as a_raw, client.websocket("/ws") as b_raw:
-            async with client.websocket("/ws") as c_raw:
-                a, b, c = Socket(a_raw), Socket(b_raw), Socket(c_raw)
-                for ws in (a, b, c):
-                    await ws.recv()
-                await a.send({"type": "message", "text": "first"})
-                await a.until(lambda f: f["type"] == "delta")
-                await b.send({"type": "message", "text": "second"})
-                await b.until(lambda f: f["type"] == "queued")
-                await c.send({"type": "message", "id": "third", "text": "third"})
-                assert (await c.recv())["code"] == "overloaded"
-                during = await scrape(app)
-                for ws in (a, b):
-                    await ws.send({"type": "stop"})
-                    await ws.until_done()
+        async with ready_sockets(app, 3) as (a, b, c):
+            await a.send({"type": "message", "text": "first"})
+            await a.until(lambda f: f["type"] == "delta")
+            await b.send({"type": "message", "text": "second"})
+            await b.until(lambda f: f["type"] == "queued")
+            await c.send({"type": "message", "id": "third", "text": "third"})
+            assert (await c.recv())["code"] == "overloaded"
+            during = await scrape(app)
+            for ws in (a, b):
+                await ws.send({"type": "stop"})
+                await ws.until_done()
         after = await scrape(app)
     assert value(during, "chatbot_generations_active") == 1
     assert value(during, "chatbot_generations_queued") == 1
