@@ -32,6 +32,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -250,8 +251,14 @@ class HTTPConnection:
         return status
 
 
-async def http_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
-    """POST /chat `{"message"}` -> `{"response"}`, `--messages` times on one connection."""
+Exchange = Callable[[HTTPConnection, str, bool, float], Awaitable[None]]
+
+
+async def _over_http(
+    cfg: Config, index: int, t_start: float, res: Results, what: str, exchange: Exchange
+) -> None:
+    """One keep-alive HTTP/1.1 connection sending `--messages` requests, each handled by
+    `exchange(client, prompt, first, t0)`; failures are recorded alike for every HTTP mode."""
     await asyncio.sleep(max(0.0, t_start + cfg.spread_s * index / cfg.n - time.perf_counter()))
     t0 = time.perf_counter()
     client = HTTPConnection(cfg.url, source_address(cfg, index))
@@ -260,66 +267,60 @@ async def http_session(cfg: Config, index: int, t_start: float, res: Results) ->
             await client.open()
             res.connect.append(time.perf_counter() - t0)
             for k in range(cfg.messages):
-                prompt = prompt_for(cfg.offset + index, k)
-                body = bytearray()
-                t_send = time.perf_counter()
-                status = await client.post({"message": prompt}, body.extend)
-                t_end = time.perf_counter()
-                if status != 200:
-                    raise SessionError(f"http_{status}", bytes(body[:200]).decode(errors="replace"))
-                if json.loads(body).get("response") != reply_text(prompt, cfg.chunks):
-                    raise SessionError("text", bytes(body[:200]).decode(errors="replace"))
-                res.total.append(t_end - t_send)
-                if k == 0:
-                    res.first_text.append(t_end - t0)
+                await exchange(client, prompt_for(cfg.offset + index, k), k == 0, t0)
                 res.reply_done()
     except SessionError as exc:
         res.fail(exc.kind, str(exc))
     except TimeoutError:
-        res.fail("timeout", f"request {index} still running at the deadline")
+        res.fail("timeout", f"{what} {index} still running at the deadline")
     except (OSError, ValueError) as exc:
-        res.fail("connect", f"request {index}: {exc!r}")
+        res.fail("connect", f"{what} {index}: {exc!r}")
     finally:
         client.close()
+
+
+async def http_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
+    """POST /chat `{"message"}` -> `{"response"}`, `--messages` times on one connection."""
+
+    async def chat(client: HTTPConnection, prompt: str, first: bool, t0: float) -> None:
+        body = bytearray()
+        t_send = time.perf_counter()
+        status = await client.post({"message": prompt}, body.extend)
+        t_end = time.perf_counter()
+        if status != 200:
+            raise SessionError(f"http_{status}", bytes(body[:200]).decode(errors="replace"))
+        if json.loads(body).get("response") != reply_text(prompt, cfg.chunks):
+            raise SessionError("text", bytes(body[:200]).decode(errors="replace"))
+        res.total.append(t_end - t_send)
+        if first:
+            res.first_text.append(t_end - t0)
+
+    await _over_http(cfg, index, t_start, res, "request", chat)
 
 
 async def upstream_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
     """Stream chat completions straight from the fake: its own latency under this client."""
-    await asyncio.sleep(max(0.0, t_start + cfg.spread_s * index / cfg.n - time.perf_counter()))
-    t0 = time.perf_counter()
-    client = HTTPConnection(cfg.url, source_address(cfg, index))
-    try:
-        async with asyncio.timeout(cfg.deadline_s - (t0 - t_start)):
-            await client.open()
-            res.connect.append(time.perf_counter() - t0)
-            for k in range(cfg.messages):
-                prompt = prompt_for(cfg.offset + index, k)
-                sse = _SSE()
-                payload = {
-                    "model": "gpt-4.1-mini",
-                    "stream": True,
-                    "messages": [{"role": "user", "content": prompt}],
-                }
-                t_send = time.perf_counter()
-                status = await client.post(payload, sse.feed)
-                t_end = time.perf_counter()
-                if status != 200:
-                    raise SessionError(f"http_{status}", f"stream {index}")
-                if "".join(sse.parts) != reply_text(prompt, cfg.chunks):
-                    raise SessionError("text", f"stream {index}: {''.join(sse.parts)[:80]!r}")
-                res.ttfd.append(sse.t_first - t_send)
-                res.total.append(t_end - t_send)
-                if k == 0:
-                    res.first_text.append(sse.t_first - t0)
-                res.reply_done()
-    except SessionError as exc:
-        res.fail(exc.kind, str(exc))
-    except TimeoutError:
-        res.fail("timeout", f"stream {index} still running at the deadline")
-    except (OSError, ValueError) as exc:
-        res.fail("connect", f"stream {index}: {exc!r}")
-    finally:
-        client.close()
+
+    async def stream(client: HTTPConnection, prompt: str, first: bool, t0: float) -> None:
+        sse = _SSE()
+        payload = {
+            "model": "gpt-4.1-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        t_send = time.perf_counter()
+        status = await client.post(payload, sse.feed)
+        t_end = time.perf_counter()
+        if status != 200:
+            raise SessionError(f"http_{status}", f"stream {index}")
+        if "".join(sse.parts) != reply_text(prompt, cfg.chunks):
+            raise SessionError("text", f"stream {index}: {''.join(sse.parts)[:80]!r}")
+        res.ttfd.append(sse.t_first - t_send)
+        res.total.append(t_end - t_send)
+        if first:
+            res.first_text.append(sse.t_first - t0)
+
+    await _over_http(cfg, index, t_start, res, "stream", stream)
 
 
 class _SSE:
