@@ -29,6 +29,8 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
@@ -200,6 +202,11 @@ class RedisBroker:
             socket_connect_timeout=settings.redis_timeout_s,
             health_check_interval=0,
             decode_responses=True,
+            # After a Redis restart every pooled connection is dead, and redis-py's pool default
+            # is no retry: each would fail one command. One immediate retry on a reconnected
+            # connection rides that out. (Ambiguity about whether a command ran before its
+            # connection died exists with or without it; the outage retries above have it too.)
+            retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis(connection_pool=self.pool)
         self._append = self._redis.register_script(_APPEND)
