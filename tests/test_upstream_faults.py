@@ -18,6 +18,7 @@ import pytest
 from quart import Quart
 
 from chatbot.fake_openai import FakeOpenAI, reply_text
+from chatbot.llm.openai import OpenAIModel
 from chatbot.settings import Settings
 
 from .conftest import API_KEY, Socket, text_of
@@ -153,6 +154,24 @@ async def test_idle_timeout_between_tokens(app_with, settings, fake: FakeOpenAI)
         assert record["status"] == "aborted"
         assert len(fake.requests) == 1  # never retried after the first token
         await still_usable(ws)
+
+
+async def test_idle_deadline_counts_only_the_wait_for_the_service(
+    settings, fake: FakeOpenAI
+) -> None:
+    """A consumer slower than the idle deadline (a broker riding out an outage) is not the
+    service stalling: the reply goes on, whole."""
+    model = OpenAIModel(settings.replace(upstream_idle_timeout_s=0.2))
+    try:
+        pieces = []
+        async with asyncio.timeout(10), model.stream([{"role": "user", "content": "slow"}]) as r:
+            async for piece in r:
+                pieces.append(piece)
+                await asyncio.sleep(0.35)
+        assert "".join(pieces) == reply_text("slow", 5)
+        assert r.finish_reason == "stop"
+    finally:
+        await model.close()
 
 
 # Retries: before the first token only.

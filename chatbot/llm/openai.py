@@ -1,9 +1,11 @@
 """Streaming chat completions from OpenAI or any server that speaks its wire format.
 
-One `AsyncOpenAI` client per process: it pools HTTP connections for every reply. Every wait on
-the model service has its own deadline: connecting (`UPSTREAM_CONNECT_TIMEOUT_S`), the first
-content piece (`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering retries)
-and each piece after it (`UPSTREAM_IDLE_TIMEOUT_S`).
+One `AsyncOpenAI` client per process, on the SDK's aiohttp transport: it pools HTTP connections
+for every reply. The SDK builds, authenticates and sends the request; the reply's server-sent
+events are read from the raw bytes here. Every wait on the model service has its own deadline:
+connecting (`UPSTREAM_CONNECT_TIMEOUT_S`), the first content piece
+(`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering retries) and each piece
+after it (`UPSTREAM_IDLE_TIMEOUT_S`).
 
 Retries happen here, not in the SDK (whose own are switched off), because only here is the
 first-token deadline known: connection errors, timeouts, 408/409/429 and 5xx are retried up to
@@ -23,12 +25,10 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 import httpx2
 import openai
-from openai import AsyncAPIResponse
-from openai.types.chat import ChatCompletionMessageParam
 
 from ..errors import UpstreamError
 from ..settings import Settings
@@ -52,18 +52,28 @@ DOWN = frozenset(
 )
 ANSWERED = frozenset({"upstream_auth", "upstream_rejected"})
 
+ONE_SHOT_CONNECTIONS = 100  # upstream connections beyond MAX_GENERATIONS, for POST /chat
+
+# What the SDK's own `chat.completions.create()` passes to `post()`: the API key as a bearer
+# token. A token stream is never compressed: that would hold tokens back in the compressor.
+REQUEST_OPTIONS: Any = {
+    "security": {"bearer_auth": True},
+    "headers": {"Accept-Encoding": "identity"},
+}
+
 
 class OpenAIReply:
     """A started stream. Iterating yields content pieces, each within its deadline.
 
-    The SDK sends, authenticates and retries the request; the server-sent events are parsed
-    here. Building the SDK's pydantic model for every chunk costs ~10x the CPU of decoding the
-    JSON (docs/benchmarks.md), and a relay needs two fields of it.
+    The server-sent events are parsed here from the raw bytes: building the SDK's pydantic model
+    for every chunk costs ~10x the CPU of decoding the JSON (docs/benchmarks.md), and a relay
+    needs two fields of it. One watchdog timer per reply enforces the deadlines; arming a fresh
+    timeout around every chunk cost more than the parsing.
     """
 
     def __init__(
         self,
-        response: AsyncAPIResponse[Any],
+        response: httpx2.Response,
         *,
         first_token_at: float,
         first_token_timeout_s: float,
@@ -78,39 +88,44 @@ class OpenAIReply:
         self.finish_reason: str | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        lines = aiter(self._response.http_response.aiter_lines())
+        loop = asyncio.get_running_loop()
+        watchdog = Watchdog(self._first_token_at)
         started = False
+        pending = b""  # an unfinished line
+        ended = False
         try:
-            while True:
-                # The timeout covers only the wait for the service, never our consumer's work.
-                try:
-                    if started:
-                        async with asyncio.timeout(self._idle_timeout_s):
-                            line = await anext(lines)
-                    else:
-                        async with asyncio.timeout_at(self._first_token_at):
-                            line = await anext(lines)
-                except StopAsyncIteration:
+            async for data in self._response.aiter_bytes():
+                lines = (pending + data).splitlines(keepends=True)
+                pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        ended = True
+                        break
+                    content, finish_reason = _delta_of(json.loads(payload))
+                    if finish_reason:
+                        self.finish_reason = finish_reason
+                    if content:
+                        if not started:
+                            started = True
+                            self._on_first_token()
+                        # The deadline covers only the wait for the service, never our
+                        # consumer's work (which may ride out a broker outage).
+                        watchdog.pause()
+                        yield content
+                        watchdog.move_to(loop.time() + self._idle_timeout_s)
+                if ended:
                     break
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, `event:` lines
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                content, finish_reason = _delta_of(json.loads(payload))
-                if content:
-                    if not started:
-                        started = True
-                        self._on_first_token()
-                    yield content
-                if finish_reason:
-                    self.finish_reason = finish_reason
-        except TimeoutError:
-            raise (
-                idle_timeout(self._idle_timeout_s)
-                if started
-                else first_token_timeout(self._first_token_timeout_s)
-            ) from None
+        except asyncio.CancelledError:
+            if watchdog.expired():
+                raise (
+                    idle_timeout(self._idle_timeout_s)
+                    if started
+                    else first_token_timeout(self._first_token_timeout_s)
+                ) from None
+            raise
         except httpx2.TransportError as exc:  # the connection broke or timed out mid-stream
             raise UpstreamError(
                 "upstream_unreachable", "The connection to the model service broke mid-reply."
@@ -119,10 +134,67 @@ class OpenAIReply:
             raise UpstreamError(
                 "upstream_malformed", "The model service sent a reply we could not read."
             ) from exc
+        finally:
+            watchdog.cancel()
         if self.finish_reason is None:
             raise UpstreamError(
                 "upstream_incomplete", "The model service ended the reply before finishing it."
             )
+
+
+class Watchdog:
+    """Cancel the current task once loop time passes the deadline. Moving the deadline later,
+    as every piece does, costs a comparison: the timer re-arms itself when it finds the
+    deadline moved. Only a move earlier (to the first idle deadline) re-arms it at once.
+
+    After the cancellation arrives, `expired()` tells it apart from any other (a stop, a client
+    gone) and consumes it, as `asyncio.timeout` does, so the owner can raise a timeout instead.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
+        self._deadline = self._armed_at = deadline
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(deadline, self._check)
+
+    def move_to(self, deadline: float) -> None:
+        self._deadline = deadline
+        if deadline < self._armed_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm()
+
+    def pause(self) -> None:
+        """No deadline until the next `move_to`: the owner is not waiting on the service."""
+        self._deadline = math.inf
+
+    def _arm(self) -> None:
+        self._armed_at = self._deadline
+        self._timer = self._loop.call_at(self._deadline, self._check)
+
+    def _check(self) -> None:
+        if self._deadline == math.inf:  # paused: `move_to` arms it again
+            self._timer, self._armed_at = None, math.inf
+            return
+        if self._loop.time() < self._deadline:
+            self._arm()
+            return
+        self._timer = None
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """Whether the cancellation being handled is this watchdog's (and not also another's)."""
+        return self._fired and self._task.uncancel() <= self._cancelling
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
@@ -159,6 +231,15 @@ class OpenAIModel:
             base_url=settings.openai_base_url,
             timeout=openai.Timeout(backstop_s, connect=settings.upstream_connect_timeout_s),
             max_retries=0,
+            # aiohttp under the SDK: its C-accelerated HTTP reads cost half of httpx2's
+            # default transport per reply (bench/upstream_cpu.py). Every admitted reply holds
+            # one connection for its stream; POST /chat (not admitted) gets some headroom.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(
+                    max_connections=settings.max_generations + ONE_SHOT_CONNECTIONS,
+                    max_keepalive_connections=settings.max_generations + ONE_SHOT_CONNECTIONS,
+                )
+            ),
         )
 
     def upstream_status(self) -> BreakerStatus:
@@ -181,7 +262,7 @@ class OpenAIModel:
                 finally:
                     # Closing the response ends the upstream HTTP request now (stop, disconnect,
                     # timeout, error), instead of letting it generate tokens nobody reads.
-                    await response.close()
+                    await response.aclose()
             except UpstreamError as exc:
                 if exc.code in DOWN:
                     attempt.failed()
@@ -189,20 +270,26 @@ class OpenAIModel:
                     attempt.succeeded()
                 raise
 
-    async def _open(self, messages: list[Message], first_token_at: float) -> AsyncAPIResponse[Any]:
+    async def _open(self, messages: list[Message], first_token_at: float) -> httpx2.Response:
         """Send the request, retrying what is safe to retry while the first-token deadline
         allows."""
         loop = asyncio.get_running_loop()
+        # The body goes as it is: `messages` holds plain role/content strings already checked
+        # by us, and the SDK's TypedDict transform of `create()` cost ~1.9 ms per request.
+        body = {"model": self.name, "messages": messages, "stream": True}
         retries = 0
         while True:
             try:
                 async with asyncio.timeout_at(first_token_at):
-                    # Entering raises the SDK's status errors; the caller closes the response.
-                    return await self._client.chat.completions.with_streaming_response.create(
-                        model=self.name,
-                        messages=cast("list[ChatCompletionMessageParam]", messages),
+                    # Raises the SDK's status errors; the caller closes the response.
+                    return await self._client.post(
+                        "/chat/completions",
+                        body=body,
+                        cast_to=httpx2.Response,
+                        options=REQUEST_OPTIONS,
                         stream=True,
-                    ).__aenter__()
+                        stream_cls=openai.AsyncStream[object],
+                    )
             except TimeoutError:
                 raise first_token_timeout(self._first_token_timeout_s) from None
             except openai.APIError as exc:
@@ -279,7 +366,7 @@ def idle_timeout(timeout_s: float) -> UpstreamError:
 def upstream_error(exc: openai.APIError) -> UpstreamError:
     """Translate an SDK error into words a user can read. Never echoes the SDK's message, which
     may quote request details; never contains the API key."""
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return UpstreamError("upstream_timeout", "The model service took too long to answer.")
     if isinstance(exc, openai.APIConnectionError):
         return UpstreamError("upstream_unreachable", "The model service cannot be reached.")
@@ -311,6 +398,18 @@ def upstream_error(exc: openai.APIError) -> UpstreamError:
             retryable=False,
         )
     return UpstreamError("upstream_error", "The model service failed mid-reply. Try again.")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection failure was an error (refused, reset, no route) rather than a
+    timeout. The SDK's aiohttp transport reports every `ClientConnectionError` as a connect
+    timeout; the OSError behind it tells the truth."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _describe(exc: openai.APIError) -> str:
