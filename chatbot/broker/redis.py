@@ -31,7 +31,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import metrics
 from ..errors import BrokerUnavailable
@@ -216,6 +216,8 @@ class RedisBroker:
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
         self._adjust = self._redis.register_script(_ADJUST)
+        self._appends: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._hub = Hub()
         self._instance = ""
         self._on_control: ControlHandler = lambda message: None
@@ -238,6 +240,8 @@ class RedisBroker:
             self._tasks.add(task)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._tasks.add(self._flusher)
         for task in self._tasks:
             task.cancel()
         # Bounded: a shutdown must never hang on a connection attempt that ignores cancellation.
@@ -392,11 +396,58 @@ class RedisBroker:
         ]
 
     async def append(self, session: str, event: dict[str, Any]) -> Event:
+        """Appends from every reply of this process travel together: whatever was asked while
+        the previous batch was in flight goes as one pipeline (one connection, one round trip),
+        instead of a pool checkout and a round trip per token."""
         args = self._event_args(session, event)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._appends.append(([*_session_keys(session), *args], done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_appends())
         with _unavailable("appending an event"):
-            seq = int(await self._append(keys=list(_session_keys(session)), args=args))
+            seq = int(await done)
         frame = args[0] + str(seq) + args[1]
         return Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
+
+    async def _flush_appends(self) -> None:
+        batch: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._appends:
+                batch, self._appends = self._appends, []
+                try:
+                    results = await self._run_appends([argv for argv, _ in batch])
+                except (RedisError, OSError) as exc:
+                    results = [exc] * len(batch)
+                for (_, done), result in zip(batch, results, strict=True):
+                    if done.done():  # its caller was cancelled
+                        continue
+                    if isinstance(result, BaseException):
+                        done.set_exception(result)
+                    else:
+                        done.set_result(result)
+        finally:
+            self._flusher = None
+            for _, done in [*batch, *self._appends]:  # closing: nobody waits forever
+                if not done.done():
+                    done.set_exception(ConnectionError("the broker is closing"))
+
+    async def _run_appends(self, batch: list[list[Any]]) -> list[Any]:
+        """EVALSHA each append in one pipeline, in order; loads the script when Redis lost it
+        (a restart) and runs again the ones it refused, which did not run."""
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    pipe.evalsha(self._append.sha, 3, *batch[i])
+                answers = await pipe.execute(raise_on_error=False)
+            for i, answer in zip(todo, answers, strict=True):
+                results[i] = answer
+            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+            if not todo or attempt:
+                return results
+            await self._redis.script_load(_APPEND)
+        return results
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
         keys = [*_session_keys(session), LEASES, LEASE_DUE]
