@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         logs.set_instance(service.instance)
         metrics.watch(service)
         app.extensions["chat"] = service
-        app.extensions["closing"] = asyncio.Event()
+        app.extensions["closing"] = asyncio.get_running_loop().create_future()
         log.info(
             "chatbot instance %s serving: broker=%s model=%s%s",
             service.instance,
@@ -89,11 +89,12 @@ async def drain(app: Quart) -> None:
     instance, so the sockets stay open until their replies have ended.
     """
     service: ChatService = app.extensions["chat"]
-    closing: asyncio.Event = app.extensions["closing"]
-    if service.broker.kind != "memory":
-        closing.set()
+    closing: asyncio.Future[None] = app.extensions["closing"]
+    if service.broker.kind != "memory" and not closing.done():
+        closing.set_result(None)
     await service.drain(service.settings.shutdown_grace_s)
-    closing.set()
+    if not closing.done():
+        closing.set_result(None)
 
 
 def chat_service() -> ChatService:
@@ -102,10 +103,11 @@ def chat_service() -> ChatService:
     return service
 
 
-def closing() -> asyncio.Event:
-    """Set when the app is shutting down: sockets close with 1012."""
-    event: asyncio.Event = current_app.extensions["closing"]
-    return event
+def closing() -> asyncio.Future[None]:
+    """Done when the app is shutting down: sockets close with 1012. A future, not an Event:
+    every socket awaits it directly, without a task of its own."""
+    future: asyncio.Future[None] = current_app.extensions["closing"]
+    return future
 
 
 def settings() -> Settings:

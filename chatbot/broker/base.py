@@ -63,30 +63,50 @@ class Subscription:
 
     Overflow policy: the dispatcher never waits for a consumer. When the frames waiting exceed
     `max_bytes` (the consumer stopped reading: a stalled client), further frames are dropped
-    and `overflowed` is set; the socket is then closed with 1013 and its client resumes from
-    the log with `after`, so nothing is lost and no other socket slows down.
+    and `overflowed` is resolved; the socket is then closed with 1013 and its client resumes
+    from the log with `after`, so nothing is lost and no other socket slows down.
+
+    Lists and futures rather than an `asyncio.Queue` and an `asyncio.Event`: an idle socket
+    holds one of these, and those two cost ~4 KiB of its memory (docs/benchmarks.md).
     """
 
-    __slots__ = ("_bytes", "_queue", "max_bytes", "overflowed", "session")
+    __slots__ = ("_bytes", "_items", "_out", "_waiter", "max_bytes", "overflowed", "session")
 
     def __init__(self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES) -> None:
         self.session = session
         self.max_bytes = max_bytes
-        self.overflowed = asyncio.Event()
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.overflowed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A queue as two lists (appended to `_items`, popped from the reversed `_out`): an
+        # empty deque costs ~600 bytes, an empty list 56, and an idle socket holds one.
+        self._items: list[Item] = []
+        self._out: list[Item] = []
+        self._waiter: asyncio.Future[None] | None = None
         self._bytes = 0
 
     def push(self, item: Item) -> None:
         """Deliver without waiting: the dispatcher must never block on one slow consumer."""
         size = _size(item)
         if self._bytes + size > self.max_bytes:
-            self.overflowed.set()
+            if not self.overflowed.done():
+                self.overflowed.set_result(None)
             return
         self._bytes += size
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> Item:
-        item = await self._queue.get()
+        if not self._out:
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            self._items.reverse()
+            self._out, self._items = self._items, self._out
+        item = self._out.pop()
         self._bytes -= _size(item)
         return item
 

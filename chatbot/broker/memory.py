@@ -20,8 +20,9 @@ from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Sub
 
 @dataclass(slots=True)
 class _Session:
-    log: deque[Event]
-    history: deque[dict[str, str]]
+    # Created on first use: a socket that opens a session and says nothing holds no deques.
+    log: deque[Event] | None = None
+    history: deque[dict[str, str]] | None = None
     seq: int = 0
     touched: float = field(default_factory=time.monotonic)
 
@@ -58,9 +59,7 @@ class MemoryBroker:
     async def create_session(self, session: str) -> None:
         # Expired sessions are purged by the periodic sweep (claim_expired), not here: a scan
         # per new socket made opening N sockets O(N^2) (docs/benchmarks.md).
-        self._sessions[session] = _Session(
-            log=deque(maxlen=self._log_max), history=deque(maxlen=2 * self._history_turns)
-        )
+        self._sessions[session] = _Session()
 
     async def last_seq(self, session: str) -> int | None:
         state = self._live(session)
@@ -75,6 +74,8 @@ class MemoryBroker:
         state.seq += 1
         data = {"type": event["type"], "seq": state.seq, **event}
         logged = Event(seq=state.seq, data=data, frame=encode(data))
+        if state.log is None:
+            state.log = deque(maxlen=self._log_max)
         state.log.append(logged)
         self._hub.dispatch(session, logged)
         return logged
@@ -91,7 +92,7 @@ class MemoryBroker:
         state = self._live(session)
         if state is None or after >= state.seq:
             return []
-        return [event for event in state.log if event.seq > after]
+        return [event for event in state.log or () if event.seq > after]
 
     @asynccontextmanager
     async def subscribe(
@@ -114,11 +115,13 @@ class MemoryBroker:
 
     async def history(self, session: str) -> list[dict[str, str]]:
         state = self._live(session)
-        return [] if state is None else list(state.history)
+        return [] if state is None else list(state.history or ())
 
     async def add_turn(self, session: str, role: str, content: str) -> None:
         state = self._live(session)
         if state is not None:
+            if state.history is None:
+                state.history = deque(maxlen=2 * self._history_turns)
             state.history.append({"role": role, "content": content})
 
     async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:

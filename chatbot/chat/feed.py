@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,14 +33,16 @@ class Feed:
         self._broker = broker
         self._sub = sub
         self.last_seq = after
-        self._backlog: deque[Event] = deque()
+        # Events read from the log, still to send, newest first (popped from the end). Refilled
+        # only when empty; a list, not a deque, because an idle socket holds one.
+        self._backlog: list[Event] = []
         self._replay_needed = True
 
     def push_local(self, frame: str) -> None:
         self._sub.push(frame)
 
     @property
-    def overflowed(self) -> asyncio.Event:
+    def overflowed(self) -> asyncio.Future[None]:
         """Set when the socket fell more than its byte limit behind (it stopped reading)."""
         return self._sub.overflowed
 
@@ -60,13 +61,13 @@ class Feed:
                 # command) must still end the feed, or the socket's sender waits forever.
                 raise asyncio.CancelledError
             if self._backlog:
-                event = self._backlog.popleft()
+                event = self._backlog.pop()
                 if event.seq > self.last_seq:
                     self.last_seq = event.seq
                     return event.frame
                 continue
             if self._replay_needed:
-                self._backlog.extend(await self._replay())
+                self._backlog = (await self._replay())[::-1]
                 self._replay_needed = False
                 continue
             item = await self._sub.get()
@@ -82,8 +83,7 @@ class Feed:
                     return item.frame
                 # A gap: fetch it from the log. The log holds `item` too (events are logged
                 # before they are published); if it was trimmed meanwhile, `item` still follows.
-                self._backlog.extend(await self._replay())
-                self._backlog.append(item)
+                self._backlog = [item, *reversed(await self._replay())]
 
     async def _replay(self) -> list[Event]:
         """The log after `last_seq`. While the broker is down the socket stays open and waits:

@@ -32,6 +32,7 @@ import openai
 
 from ..errors import UpstreamError
 from ..settings import Settings
+from ..watchdog import Watchdog
 from .base import Message
 from .breaker import BreakerStatus, CircuitBreaker
 
@@ -142,61 +143,6 @@ class OpenAIReply:
             )
 
 
-class Watchdog:
-    """Cancel the current task once loop time passes the deadline. Moving the deadline later,
-    as every piece does, costs a comparison: the timer re-arms itself when it finds the
-    deadline moved. Only a move earlier (to the first idle deadline) re-arms it at once.
-
-    After the cancellation arrives, `expired()` tells it apart from any other (a stop, a client
-    gone) and consumes it, as `asyncio.timeout` does, so the owner can raise a timeout instead.
-    """
-
-    def __init__(self, deadline: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._fired = False
-        self._deadline = self._armed_at = deadline
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(deadline, self._check)
-
-    def move_to(self, deadline: float) -> None:
-        self._deadline = deadline
-        if deadline < self._armed_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._arm()
-
-    def pause(self) -> None:
-        """No deadline until the next `move_to`: the owner is not waiting on the service."""
-        self._deadline = math.inf
-
-    def _arm(self) -> None:
-        self._armed_at = self._deadline
-        self._timer = self._loop.call_at(self._deadline, self._check)
-
-    def _check(self) -> None:
-        if self._deadline == math.inf:  # paused: `move_to` arms it again
-            self._timer, self._armed_at = None, math.inf
-            return
-        if self._loop.time() < self._deadline:
-            self._arm()
-            return
-        self._timer = None
-        self._fired = True
-        self._task.cancel()
-
-    def expired(self) -> bool:
-        """Whether the cancellation being handled is this watchdog's (and not also another's)."""
-        return self._fired and self._task.uncancel() <= self._cancelling
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
     """(content, finish_reason) of one `chat.completion.chunk` event; ValueError if it is none."""
     if not isinstance(chunk, dict):
@@ -223,13 +169,13 @@ class OpenAIModel:
         self.breaker = CircuitBreaker(
             settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s
         )
-        # Our deadlines bound every wait; the SDK's read/write/pool timeout is only a backstop
-        # that cannot fire before them. Its connect timeout is the one that applies.
-        backstop_s = max(self._first_token_timeout_s, self._idle_timeout_s) + 1
+        # Our deadlines bound every wait (the first-token deadline the request, the watchdog
+        # the stream), so the transport gets only the connect timeout: a read timeout made
+        # aiohttp re-arm a timer for every chunk it received.
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or NO_KEY,
             base_url=settings.openai_base_url,
-            timeout=openai.Timeout(backstop_s, connect=settings.upstream_connect_timeout_s),
+            timeout=openai.Timeout(None, connect=settings.upstream_connect_timeout_s),
             max_retries=0,
             # aiohttp under the SDK: its C-accelerated HTTP reads cost half of httpx2's
             # default transport per reply (bench/upstream_cpu.py). Every admitted reply holds

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import math
 from contextlib import suppress
-from typing import Any
 from urllib.parse import urlsplit
 
 from quart import Blueprint, abort, websocket
@@ -18,6 +17,7 @@ from ..chat.limits import client_ip
 from ..chat.service import ChatService
 from ..errors import BrokerUnavailable, ClientError, RateLimited, SessionExpired
 from ..protocol import CloseCode
+from ..watchdog import Watchdog
 from .access import token_ok
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def chat_socket() -> None:
         log.info("refused websocket with after=%r", after_arg[:20])
         abort(400)
     service = chat_service()
-    if closing().is_set():
+    if closing().done():
         abort(503)  # restarting: the client reconnects, through the balancer, elsewhere
     ip = client_ip(websocket.remote_addr, websocket.headers, config.trusted_proxy_hops)
     try:
@@ -72,10 +72,10 @@ async def _serve(service: ChatService, session: str, last: int, after: int, ip: 
         )
         async with service.feed(session, after) as feed:
             ended = await _first_to_end(
-                _send_all(feed),
-                _receive_all(feed, service, session, ip),
-                _restart_signal(),
-                feed.overflowed.wait(),
+                asyncio.ensure_future(_send_all(feed)),
+                asyncio.ensure_future(_receive_all(feed, service, session, ip)),
+                closing(),
+                feed.overflowed,
             )
         if ended == 1:
             log.info("session %s…: closing a socket silent for too long", session[:6])
@@ -103,26 +103,32 @@ async def _close(code: CloseCode, reason: str) -> None:
             await websocket.close(code, reason)
 
 
-async def _first_to_end(*jobs: Coroutine[Any, Any, object]) -> int:
-    """Run the socket's jobs together; when one ends, cancel the others. The index of the first
-    to end; its exception, if it raised one."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
+async def _first_to_end(
+    sender: asyncio.Task[None],
+    receiver: asyncio.Task[None],
+    restart: asyncio.Future[None],
+    overflow: asyncio.Future[None],
+) -> int:
+    """Run the socket's two jobs until one of them, or a restart or an overflow, ends; then
+    cancel the jobs. The index of what ended first; the exception of a job that raised one.
+
+    Two tasks per socket and two futures it shares with its signallers (no task each): an idle
+    socket's memory is mostly its tasks and queues (docs/benchmarks.md)."""
+    awaited = (sender, receiver, restart, overflow)
+    jobs = (sender, receiver)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(awaited, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
+        for job in jobs:
+            job.cancel()
         # Bounded: a job that ignores its cancellation must not keep the socket's handler alive.
-        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+        _, stuck = await asyncio.wait(jobs, timeout=CLOSE_TIMEOUT_S)
         if stuck:
             log.error("%d socket job(s) ignored cancellation: %s", len(stuck), stuck)
-    first = next(iter(done))
-    first.result()
-    return tasks.index(first)
-
-
-async def _restart_signal() -> None:
-    await closing().wait()
+    first = next(f for f in awaited if f in done)
+    if first in jobs:
+        first.result()
+    return awaited.index(first)
 
 
 async def _send_all(feed: Feed) -> None:
@@ -135,37 +141,51 @@ async def _receive_all(feed: Feed, service: ChatService, session: str, ip: str) 
     a peer that neither speaks nor pings is taken for dead; Hypercorn's pings get no say, as it
     never checks their pongs)."""
     max_chars = settings().max_message_chars
-    idle_s = settings().ws_idle_timeout_s or None
-    while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                raw = await websocket.receive()
-        except TimeoutError:
+    idle_s = settings().ws_idle_timeout_s or math.inf
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop.time() + idle_s)
+    try:
+        while True:
+            raw = await websocket.receive()
+            watchdog.pause()  # only the client's silence counts, not our work on its frame
+            await _handle(raw, feed, service, session, ip, max_chars)
+            watchdog.move_to(loop.time() + idle_s)
+    except asyncio.CancelledError:
+        if watchdog.expired():
             return
-        if raw is None:  # an empty binary frame: Quart reads `bytes or text` (quart/asgi.py)
-            raw = b""
-        frame: protocol.ClientFrame | None = None
-        try:
-            frame = protocol.parse_client_frame(raw, max_chars=max_chars)
-            if isinstance(frame, protocol.Ping):
-                feed.push_local(protocol.PONG)
-            elif isinstance(frame, protocol.Stop):
-                await service.stop(session)
-            else:
-                await service.submit(session, frame.text, frame.id, client_ip=ip)
-        except SessionExpired as exc:
-            log.info("session %s… expired under an open socket", session[:6])
-            feed.push_local(protocol.encode(protocol.refusal(exc)))
-            feed.end()  # the sender sends the error, then the socket closes
-            await asyncio.Event().wait()  # until the sender, done, ends the socket
-        except ClientError as exc:
-            log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
-            feed.push_local(protocol.encode(protocol.refusal(exc)))
-        except BrokerUnavailable:
-            log.warning("session %s…: broker unavailable, message refused", session[:6])
-            ref = frame.id if isinstance(frame, protocol.SendMessage) else None
-            message = "The service cannot accept messages right now; try again."
-            feed.push_local(protocol.encode(protocol.error("unavailable", message, ref)))
+        raise
+    finally:
+        watchdog.cancel()
+
+
+async def _handle(
+    raw: str | bytes | None, feed: Feed, service: ChatService, session: str, ip: str, max_chars: int
+) -> None:
+    """One client frame: answered, acted on, or refused with an error frame."""
+    if raw is None:  # an empty binary frame: Quart reads `bytes or text` (quart/asgi.py)
+        raw = b""
+    frame: protocol.ClientFrame | None = None
+    try:
+        frame = protocol.parse_client_frame(raw, max_chars=max_chars)
+        if isinstance(frame, protocol.Ping):
+            feed.push_local(protocol.PONG)
+        elif isinstance(frame, protocol.Stop):
+            await service.stop(session)
+        else:
+            await service.submit(session, frame.text, frame.id, client_ip=ip)
+    except SessionExpired as exc:
+        log.info("session %s… expired under an open socket", session[:6])
+        feed.push_local(protocol.encode(protocol.refusal(exc)))
+        feed.end()  # the sender sends the error, then the socket closes
+        await asyncio.Event().wait()  # until the sender, done, ends the socket
+    except ClientError as exc:
+        log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
+        feed.push_local(protocol.encode(protocol.refusal(exc)))
+    except BrokerUnavailable:
+        log.warning("session %s…: broker unavailable, message refused", session[:6])
+        ref = frame.id if isinstance(frame, protocol.SendMessage) else None
+        message = "The service cannot accept messages right now; try again."
+        feed.push_local(protocol.encode(protocol.error("unavailable", message, ref)))
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
