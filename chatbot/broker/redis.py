@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Final
 
@@ -216,7 +216,7 @@ class RedisBroker:
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
         self._adjust = self._redis.register_script(_ADJUST)
-        self._appends: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._batch: list[tuple[Any, int, list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._hub = Hub()
         self._instance = ""
@@ -396,29 +396,34 @@ class RedisBroker:
         ]
 
     async def append(self, session: str, event: dict[str, Any]) -> Event:
-        """Appends from every reply of this process travel together: whatever was asked while
-        the previous batch was in flight goes as one pipeline (one connection, one round trip),
-        instead of a pool checkout and a round trip per token."""
         args = self._event_args(session, event)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._appends.append(([*_session_keys(session), *args], done))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_appends())
         with _unavailable("appending an event"):
-            seq = int(await done)
+            seq = int(await self._batched(self._append, _session_keys(session), args))
         frame = args[0] + str(seq) + args[1]
         return Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
 
-    async def _flush_appends(self) -> None:
-        batch: list[tuple[list[Any], asyncio.Future[Any]]] = []
+    def _batched(self, script: Any, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run a script in the next batch: the calls of every reply
+        of this process (a token's append, a lease renewal) that arrive while the previous
+        batch is in flight go together as one pipeline, one connection and one round trip,
+        instead of a pool checkout and a round trip each. Calls run in the order made; a
+        reply awaits each of its appends, so a session's events keep their order."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((script, len(keys), [*keys, *args], done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_batches())
+        return done
+
+    async def _flush_batches(self) -> None:
+        batch: list[tuple[Any, int, list[Any], asyncio.Future[Any]]] = []
         try:
-            while self._appends:
-                batch, self._appends = self._appends, []
+            while self._batch:
+                batch, self._batch = self._batch, []
                 try:
-                    results = await self._run_appends([argv for argv, _ in batch])
+                    results = await self._run_batch([call[:3] for call in batch])
                 except (RedisError, OSError) as exc:
                     results = [exc] * len(batch)
-                for (_, done), result in zip(batch, results, strict=True):
+                for (*_, done), result in zip(batch, results, strict=True):
                     if done.done():  # its caller was cancelled
                         continue
                     if isinstance(result, BaseException):
@@ -427,26 +432,28 @@ class RedisBroker:
                         done.set_result(result)
         finally:
             self._flusher = None
-            for _, done in [*batch, *self._appends]:  # closing: nobody waits forever
+            for *_, done in [*batch, *self._batch]:  # closing: nobody waits forever
                 if not done.done():
                     done.set_exception(ConnectionError("the broker is closing"))
 
-    async def _run_appends(self, batch: list[list[Any]]) -> list[Any]:
-        """EVALSHA each append in one pipeline, in order; loads the script when Redis lost it
-        (a restart) and runs again the ones it refused, which did not run."""
+    async def _run_batch(self, batch: list[tuple[Any, int, list[Any]]]) -> list[Any]:
+        """EVALSHA each call in one pipeline, in order. When Redis lost a script (a restart) it
+        refuses those calls, which therefore did not run: load the scripts and run them again."""
         results: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
         for attempt in range(2):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    pipe.evalsha(self._append.sha, 3, *batch[i])
+                    script, numkeys, argv = batch[i]
+                    pipe.evalsha(script.sha, numkeys, *argv)
                 answers = await pipe.execute(raise_on_error=False)
             for i, answer in zip(todo, answers, strict=True):
                 results[i] = answer
             todo = [i for i in todo if isinstance(results[i], NoScriptError)]
             if not todo or attempt:
                 return results
-            await self._redis.script_load(_APPEND)
+            for script in {batch[i][0] for i in todo}:
+                await self._redis.script_load(script.script)
         return results
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
@@ -521,7 +528,7 @@ class RedisBroker:
     async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool:
         args = [session, _lease_text(lease), int(ttl_s * 1000)]
         with _unavailable("renewing a lease"):
-            return bool(await self._renew(keys=[LEASES, LEASE_DUE], args=args))
+            return bool(await self._batched(self._renew, (LEASES, LEASE_DUE), args))
 
     async def release(self, session: str, lease: Lease) -> None:
         with _unavailable("releasing a lease"):

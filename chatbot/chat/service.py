@@ -73,6 +73,7 @@ class ChatService:
     async def start(self) -> None:
         await self.broker.start(self.instance, self._on_control)
         self._spawn(self._sweep_orphans(), name="orphan-sweeper")
+        self._spawn(self._keep_leases(), name="lease-keeper")
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new messages and wait, up to `grace_s`, for the replies still streaming."""
@@ -179,7 +180,6 @@ class ChatService:
     async def _generate(self, gen: _Generation) -> None:
         session, msg_id = gen.session, gen.lease.msg_id
         logs.bind_session(session)
-        keeper = self._spawn(self._keep_lease(gen), name=f"lease-{msg_id[:8]}")
         reason: protocol.DoneReason = "error"
         try:
             if gen.ticket.position:
@@ -222,7 +222,6 @@ class ChatService:
                 ),
             )
         finally:
-            keeper.cancel()
             self._running.pop(session, None)
         await self._finish(gen, reason)
 
@@ -269,18 +268,26 @@ class ChatService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, OUTAGE_RETRY_S[1])
 
-    async def _keep_lease(self, gen: _Generation) -> None:
+    async def _keep_leases(self) -> None:
+        """Renew the lease of every reply this instance runs (or has queued), together: one
+        task and one broker round trip per interval, not a task and a timer per reply."""
         ttl = self.settings.lease_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
+            generations = list(self._running.values())
             try:
-                held = await self.broker.renew(gen.session, gen.lease, ttl)
+                held = await asyncio.gather(
+                    *(self.broker.renew(g.session, g.lease, ttl) for g in generations)
+                )
             except BrokerUnavailable:
                 continue  # keep streaming; if the outage outlasts the lease, it is swept
-            if not held and gen.task is not None:
-                log.warning("reply %s lost its lease; stopping it", gen.lease.msg_id[:8])
-                gen.task.cancel()
-                return
+            except Exception:
+                log.exception("lease renewal failed; retrying")
+                continue
+            for gen, ok in zip(generations, held, strict=True):
+                if not ok and gen.task is not None and not gen.task.done():
+                    log.warning("reply %s lost its lease; stopping it", gen.lease.msg_id[:8])
+                    gen.task.cancel()
 
     async def _sweep_orphans(self) -> None:
         """Close replies whose generating instance died: its lease expired without a `done`."""
