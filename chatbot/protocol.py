@@ -124,9 +124,13 @@ def new_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+# One encoder for every frame: `json.dumps` with options builds a new encoder on each call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(frame: dict[str, Any]) -> str:
     """Encode a server frame once; the text is shared by every socket that receives it."""
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(frame)
 
 
 PONG: Final = '{"type":"pong"}'

@@ -35,6 +35,26 @@ async def test_append_numbers_events_and_replay_returns_them_in_order(broker: Br
     assert await broker.replay("s", 2) == []
 
 
+async def test_concurrent_appends_of_many_sessions_keep_each_sessions_order(
+    broker: Broker,
+) -> None:
+    """Many replies appending at once (on Redis: batched into pipelines) lose nothing and
+    keep every session's events in the order its reply wrote them."""
+    sessions = [f"s{i}" for i in range(50)]
+    for s in sessions:
+        await broker.create_session(s)
+
+    async def reply(session: str) -> list[int]:
+        return [(await broker.append(session, delta_event("m", f"{k}"))).seq for k in range(20)]
+
+    async with asyncio.timeout(30):
+        seqs = await asyncio.gather(*(reply(s) for s in sessions))
+    assert all(got == list(range(1, 21)) for got in seqs)
+    for s in sessions:
+        texts = [e.data["text"] for e in await broker.replay(s, 0)]
+        assert texts == [str(k) for k in range(20)]
+
+
 async def test_subscribers_get_live_events_of_their_session_only(broker: Broker) -> None:
     for s in ("s", "other"):
         await broker.create_session(s)
@@ -137,3 +157,28 @@ def test_heroku_style_rediss_url_accepts_a_self_signed_certificate() -> None:
     broker = RedisBroker(Settings(redis_url=url))
     connection = broker.pool.make_connection()  # no network: just how it would connect
     assert connection.ssl_context.cert_reqs == ssl.CERT_NONE
+
+
+async def test_redis_appends_survive_redis_losing_its_scripts(redis_server) -> None:
+    """A Redis restart empties its script cache: the calls it refuses (NOSCRIPT) did not run,
+    so the broker loads the scripts and sends them again, once each."""
+    import redis.asyncio as aioredis
+
+    from chatbot.broker import open_broker
+    from chatbot.settings import Settings
+
+    backend = open_broker(Settings(redis_url=redis_server.url))
+    await backend.start("instance-a", lambda message: None)
+    try:
+        await backend.create_session("flushed")
+        assert (await backend.append("flushed", delta_event("m", "a"))).seq == 1
+        async with aioredis.from_url(redis_server.url) as admin:
+            await admin.script_flush()
+        async with asyncio.timeout(5):
+            appended = await asyncio.gather(
+                *(backend.append("flushed", delta_event("m", "b")) for _ in range(3))
+            )
+        assert sorted(e.seq for e in appended) == [2, 3, 4]
+        assert [e.seq for e in await backend.replay("flushed", 0)] == [1, 2, 3, 4]
+    finally:
+        await backend.close()
