@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from quart import Quart, Response, current_app, request
@@ -60,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         logs.set_instance(service.instance)
         metrics.watch(service)
         app.extensions["chat"] = service
-        app.extensions["closing"] = asyncio.get_running_loop().create_future()
+        app.extensions["closing"] = Closing()
         log.info(
             "chatbot instance %s serving: broker=%s model=%s%s",
             service.instance,
@@ -89,12 +91,11 @@ async def drain(app: Quart) -> None:
     instance, so the sockets stay open until their replies have ended.
     """
     service: ChatService = app.extensions["chat"]
-    closing: asyncio.Future[None] = app.extensions["closing"]
-    if service.broker.kind != "memory" and not closing.done():
-        closing.set_result(None)
+    closing: Closing = app.extensions["closing"]
+    if service.broker.kind != "memory":
+        closing.set()
     await service.drain(service.settings.shutdown_grace_s)
-    if not closing.done():
-        closing.set_result(None)
+    closing.set()
 
 
 def chat_service() -> ChatService:
@@ -103,11 +104,42 @@ def chat_service() -> ChatService:
     return service
 
 
-def closing() -> asyncio.Future[None]:
-    """Done when the app is shutting down: sockets close with 1012. A future, not an Event:
-    every socket awaits it directly, without a task of its own."""
-    future: asyncio.Future[None] = current_app.extensions["closing"]
-    return future
+class Closing:
+    """Set when the app is shutting down: sockets close with 1012.
+
+    Each socket waits on a future of its own (`watch`), with no task: a future or an Event
+    shared by thousands of sockets costs O(sockets) each time one of them stops waiting.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._watchers: set[asyncio.Future[None]] = set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        for watcher in self._watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    @contextmanager
+    def watch(self) -> Iterator[asyncio.Future[None]]:
+        watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._set:
+            watcher.set_result(None)
+        self._watchers.add(watcher)
+        try:
+            yield watcher
+        finally:
+            self._watchers.discard(watcher)
+
+
+def closing() -> Closing:
+    """The app's shutdown signal."""
+    signal: Closing = current_app.extensions["closing"]
+    return signal
 
 
 def settings() -> Settings:

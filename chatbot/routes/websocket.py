@@ -45,7 +45,7 @@ async def chat_socket() -> None:
         log.info("refused websocket with after=%r", after_arg[:20])
         abort(400)
     service = chat_service()
-    if closing().done():
+    if closing().is_set():
         abort(503)  # restarting: the client reconnects, through the balancer, elsewhere
     ip = client_ip(websocket.remote_addr, websocket.headers, config.trusted_proxy_hops)
     try:
@@ -71,12 +71,13 @@ async def _serve(service: ChatService, session: str, last: int, after: int, ip: 
             protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
         )
         async with service.feed(session, after) as feed:
-            ended = await _first_to_end(
-                asyncio.ensure_future(_send_all(feed)),
-                asyncio.ensure_future(_receive_all(feed, service, session, ip)),
-                closing(),
-                feed.overflowed,
-            )
+            with closing().watch() as restart:
+                ended = await _first_to_end(
+                    asyncio.ensure_future(_send_all(feed)),
+                    asyncio.ensure_future(_receive_all(feed, service, session, ip)),
+                    restart,
+                    feed.overflowed,
+                )
         if ended == 1:
             log.info("session %s…: closing a socket silent for too long", session[:6])
             await _close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
@@ -112,8 +113,8 @@ async def _first_to_end(
     """Run the socket's two jobs until one of them, or a restart or an overflow, ends; then
     cancel the jobs. The index of what ended first; the exception of a job that raised one.
 
-    Two tasks per socket and two futures it shares with its signallers (no task each): an idle
-    socket's memory is mostly its tasks and queues (docs/benchmarks.md)."""
+    Two tasks per socket, and two futures for the signals (no task each): an idle socket's
+    memory is mostly its tasks and queues (docs/benchmarks.md)."""
     awaited = (sender, receiver, restart, overflow)
     jobs = (sender, receiver)
     try:
