@@ -1,17 +1,20 @@
 """Streaming chat completions from OpenAI or any server that speaks its wire format.
 
-One `AsyncOpenAI` client per process, on the SDK's aiohttp transport: it pools HTTP connections
-for every reply. The SDK builds, authenticates and sends the request; the reply's server-sent
-events are read from the raw bytes here. Every wait on the model service has its own deadline:
-connecting (`UPSTREAM_CONNECT_TIMEOUT_S`), the first content piece
-(`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering retries) and each piece
-after it (`UPSTREAM_IDLE_TIMEOUT_S`).
+The official SDK's `AsyncOpenAI` client defines the request: the base URL, the API key and the
+headers it sends (organisation, project, user agent), all read from settings or its usual
+environment variables. Requests go out through the SDK's aiohttp HTTP client, one per process,
+pooling connections for every reply. The per-request machinery of `chat.completions.create()`
+(options models, body transform, retries) is bypassed: it cost 0.27 ms of CPU per request, as
+much as reading 20 tokens (bench/upstream_cpu.py). The reply's server-sent events are parsed
+here from the raw bytes.
 
-Retries happen here, not in the SDK (whose own are switched off), because only here is the
-first-token deadline known: connection errors, timeouts, 408/409/429 and 5xx are retried up to
-`UPSTREAM_MAX_RETRIES` times with the SDK's backoff or the server's `Retry-After`, and never
-when the wait would outlast the deadline. Nothing is retried once a stream has started: the user
-may already have seen its first words. A `CircuitBreaker` stops calling a service that is down.
+Every wait on the model service has its own deadline: connecting (`UPSTREAM_CONNECT_TIMEOUT_S`),
+the first content piece (`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering
+retries) and each piece after it (`UPSTREAM_IDLE_TIMEOUT_S`). Connection errors, timeouts,
+408/409/429 and 5xx are retried (the SDK's policy) up to `UPSTREAM_MAX_RETRIES` times with its
+backoff or the server's `Retry-After`, and never when the wait would outlast the first-token
+deadline. Nothing is retried once a stream has started: the user may already have seen its first
+words. A `CircuitBreaker` stops calling a service that is down.
 """
 
 from __future__ import annotations
@@ -55,12 +58,8 @@ ANSWERED = frozenset({"upstream_auth", "upstream_rejected"})
 
 ONE_SHOT_CONNECTIONS = 100  # upstream connections beyond MAX_GENERATIONS, for POST /chat
 
-# What the SDK's own `chat.completions.create()` passes to `post()`: the API key as a bearer
-# token. A token stream is never compressed: that would hold tokens back in the compressor.
-REQUEST_OPTIONS: Any = {
-    "security": {"bearer_auth": True},
-    "headers": {"Accept-Encoding": "identity"},
-}
+# A token stream is never compressed: that would hold tokens back in the compressor.
+STREAM_HEADERS = {"Accept-Encoding": "identity"}
 
 
 class OpenAIReply:
@@ -76,13 +75,13 @@ class OpenAIReply:
         self,
         response: httpx2.Response,
         *,
-        first_token_at: float,
+        watchdog: Watchdog,
         first_token_timeout_s: float,
         idle_timeout_s: float,
         on_first_token: Callable[[], None],
     ) -> None:
         self._response = response
-        self._first_token_at = first_token_at  # loop time by which the first piece must come
+        self._watchdog = watchdog  # holds the first-token deadline until the first piece
         self._first_token_timeout_s = first_token_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._on_first_token = on_first_token
@@ -90,12 +89,12 @@ class OpenAIReply:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        watchdog = Watchdog(self._first_token_at)
+        watchdog = self._watchdog
         started = False
         pending = b""  # an unfinished line
         ended = False
         try:
-            async for data in self._response.aiter_bytes():
+            async for data in _body(self._response):
                 lines = (pending + data).splitlines(keepends=True)
                 pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
                 for line in lines:
@@ -135,12 +134,18 @@ class OpenAIReply:
             raise UpstreamError(
                 "upstream_malformed", "The model service sent a reply we could not read."
             ) from exc
-        finally:
-            watchdog.cancel()
         if self.finish_reason is None:
             raise UpstreamError(
                 "upstream_incomplete", "The model service ended the reply before finishing it."
             )
+
+
+def _body(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """The response body as it arrives. We ask for it uncompressed; then the transport's own
+    stream serves, without httpx2's two decoding layers per chunk."""
+    if response.headers.get("content-encoding", "identity") != "identity":
+        return response.aiter_bytes()
+    return aiter(response.stream)  # type: ignore[arg-type]
 
 
 def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
@@ -169,24 +174,28 @@ class OpenAIModel:
         self.breaker = CircuitBreaker(
             settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s
         )
-        # Our deadlines bound every wait (the first-token deadline the request, the watchdog
-        # the stream), so the transport gets only the connect timeout: a read timeout made
-        # aiohttp re-arm a timer for every chunk it received.
-        self._client = openai.AsyncOpenAI(
-            api_key=settings.openai_api_key or NO_KEY,
-            base_url=settings.openai_base_url,
-            timeout=openai.Timeout(None, connect=settings.upstream_connect_timeout_s),
-            max_retries=0,
-            # aiohttp under the SDK: its C-accelerated HTTP reads cost half of httpx2's
-            # default transport per reply (bench/upstream_cpu.py). Every admitted reply holds
-            # one connection for its stream; POST /chat (not admitted) gets some headroom.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=settings.max_generations + ONE_SHOT_CONNECTIONS,
-                    max_keepalive_connections=settings.max_generations + ONE_SHOT_CONNECTIONS,
-                )
+        # Our deadlines bound every wait (the watchdog of each reply), so the transport gets
+        # only the connect timeout: a read timeout made aiohttp re-arm a timer for every chunk.
+        # aiohttp under httpx2: its C-accelerated HTTP reads cost half of httpx2's default
+        # transport per reply (bench/upstream_cpu.py). Every admitted reply holds one connection
+        # for its stream; POST /chat (not admitted) gets some headroom.
+        connections = settings.max_generations + ONE_SHOT_CONNECTIONS
+        self._http = openai.DefaultAioHttpClient(
+            timeout=httpx2.Timeout(None, connect=settings.upstream_connect_timeout_s),
+            limits=httpx2.Limits(
+                max_connections=connections, max_keepalive_connections=connections
             ),
         )
+        sdk = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key or NO_KEY,
+            base_url=settings.openai_base_url,
+            max_retries=0,
+            http_client=self._http,
+        )
+        self._url = sdk.base_url.join("chat/completions")
+        headers = {**sdk.auth_headers, **sdk.default_headers, **STREAM_HEADERS}
+        # The SDK marks headers it leaves out (no organisation, no project) with `Omit`.
+        self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
 
     def upstream_status(self) -> BreakerStatus:
         return self.breaker.status()
@@ -195,12 +204,20 @@ class OpenAIModel:
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[OpenAIReply]:
         with self.breaker.attempt() as attempt:  # raises CircuitOpen: no call at all
             first_token_at = asyncio.get_running_loop().time() + self._first_token_timeout_s
+            # One deadline keeper for the whole reply: the first token's deadline covers the
+            # request and its retries, then each piece moves it.
+            watchdog = Watchdog(first_token_at)
             try:
-                response = await self._open(list(messages), first_token_at)
+                try:
+                    response = await self._open(list(messages), first_token_at)
+                except asyncio.CancelledError:
+                    if watchdog.expired():
+                        raise first_token_timeout(self._first_token_timeout_s) from None
+                    raise
                 try:
                     yield OpenAIReply(
                         response,
-                        first_token_at=first_token_at,
+                        watchdog=watchdog,
                         first_token_timeout_s=self._first_token_timeout_s,
                         idle_timeout_s=self._idle_timeout_s,
                         on_first_token=attempt.succeeded,
@@ -215,61 +232,64 @@ class OpenAIModel:
                 elif exc.code in ANSWERED:
                     attempt.succeeded()
                 raise
+            finally:
+                watchdog.cancel()
 
     async def _open(self, messages: list[Message], first_token_at: float) -> httpx2.Response:
         """Send the request, retrying what is safe to retry while the first-token deadline
-        allows."""
+        allows. The caller's watchdog holds that deadline over this."""
         loop = asyncio.get_running_loop()
-        # The body goes as it is: `messages` holds plain role/content strings already checked
-        # by us, and the SDK's TypedDict transform of `create()` cost ~1.9 ms per request.
-        body = {"model": self.name, "messages": messages, "stream": True}
+        # `messages` holds plain role/content strings, already checked by us.
+        body = json.dumps({"model": self.name, "messages": messages, "stream": True}).encode()
         retries = 0
         while True:
+            status, headers = None, httpx2.Headers()
             try:
-                async with asyncio.timeout_at(first_token_at):
-                    # Raises the SDK's status errors; the caller closes the response.
-                    return await self._client.post(
-                        "/chat/completions",
-                        body=body,
-                        cast_to=httpx2.Response,
-                        options=REQUEST_OPTIONS,
-                        stream=True,
-                        stream_cls=openai.AsyncStream[object],
-                    )
-            except TimeoutError:
-                raise first_token_timeout(self._first_token_timeout_s) from None
-            except openai.APIError as exc:
-                wait_s = retry_wait_s(exc, retries) if retries < self._max_retries else None
-                if wait_s is None or loop.time() + wait_s >= first_token_at:
-                    raise upstream_error(exc) from exc
-                retries += 1
-                log.info(
-                    "model service: %s; retry %d of %d in %.2f s",
-                    _describe(exc),
-                    retries,
-                    self._max_retries,
-                    wait_s,
+                request = self._http.build_request(
+                    "POST", self._url, content=body, headers=self._headers
                 )
-                await asyncio.sleep(wait_s)
+                response = await self._http.send(request, stream=True)
+            except httpx2.TransportError as exc:
+                error = connection_error(exc)
+                cause: BaseException = exc
+            else:
+                if response.is_success:
+                    return response  # the caller closes it
+                status, headers = response.status_code, response.headers
+                await response.aclose()  # the body of an error is never shown to anyone
+                error = status_error(status, headers)
+                cause = error
+            wait_s = retry_wait_s(status, headers, retries) if retries < self._max_retries else None
+            if wait_s is None or loop.time() + wait_s >= first_token_at:
+                raise error from cause
+            retries += 1
+            log.info(
+                "model service: %s; retry %d of %d in %.2f s",
+                f"HTTP {status}" if status else type(cause).__name__,
+                retries,
+                self._max_retries,
+                wait_s,
+            )
+            await asyncio.sleep(wait_s)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
 
-def retry_wait_s(exc: openai.APIError, retries_taken: int) -> float | None:
-    """How long to wait before retrying after `exc`, or None when it must not be retried."""
-    if isinstance(exc, openai.APIStatusError):
-        headers = exc.response.headers
+def retry_wait_s(
+    status: int | None, headers: Mapping[str, str], retries_taken: int
+) -> float | None:
+    """How long to wait before retrying a request that failed with HTTP `status` (None: the
+    connection failed), or None when it must not be retried."""
+    if status is not None:
         verdict = headers.get("x-should-retry")  # OpenAI's own hint wins, as in the SDK
         if verdict == "false" or (
-            verdict != "true" and exc.status_code not in RETRY_STATUSES and exc.status_code < 500
+            verdict != "true" and status not in RETRY_STATUSES and status < 500
         ):
             return None
         after_s = retry_after_s(headers)
         if after_s is not None:
             return after_s if after_s <= MAX_RETRY_AFTER_S else None
-    elif not isinstance(exc, openai.APIConnectionError):  # e.g. a response that fails validation
-        return None
     first, longest = BACKOFF_S
     return min(first * 2.0**retries_taken, longest) * random.uniform(0.75, 1.0)
 
@@ -309,21 +329,25 @@ def idle_timeout(timeout_s: float) -> UpstreamError:
     )
 
 
-def upstream_error(exc: openai.APIError) -> UpstreamError:
-    """Translate an SDK error into words a user can read. Never echoes the SDK's message, which
-    may quote request details; never contains the API key."""
-    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
+def connection_error(exc: httpx2.TransportError) -> UpstreamError:
+    """A request that got no answer, in words a user can read (never the exception's text,
+    which may quote request details)."""
+    if isinstance(exc, httpx2.TimeoutException) and not _refused(exc):
         return UpstreamError("upstream_timeout", "The model service took too long to answer.")
-    if isinstance(exc, openai.APIConnectionError):
-        return UpstreamError("upstream_unreachable", "The model service cannot be reached.")
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+    return UpstreamError("upstream_unreachable", "The model service cannot be reached.")
+
+
+def status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
+    """An HTTP error answer, in words a user can read. Never echoes the service's error body;
+    never contains the API key."""
+    if status in (401, 403):
         return UpstreamError(
             "upstream_auth",
             "The model service refused our credentials; the operator must fix the API key.",
             retryable=False,
         )
-    if isinstance(exc, openai.RateLimitError):
-        after_s = retry_after_s(exc.response.headers)
+    if status == 429:
+        after_s = retry_after_s(headers)
         hint = (
             f" Try again in {max(math.ceil(after_s), 1)} s."
             if after_s is not None
@@ -332,33 +356,24 @@ def upstream_error(exc: openai.APIError) -> UpstreamError:
         return UpstreamError(
             "upstream_rate_limited", "The model service is rate limiting us." + hint
         )
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status >= 500:
-            return UpstreamError(
-                "upstream_unavailable", f"The model service failed (HTTP {status}). Try again."
-            )
+    if status >= 500:
         return UpstreamError(
-            "upstream_rejected",
-            f"The model service rejected the request (HTTP {status}).",
-            retryable=False,
+            "upstream_unavailable", f"The model service failed (HTTP {status}). Try again."
         )
-    return UpstreamError("upstream_error", "The model service failed mid-reply. Try again.")
+    return UpstreamError(
+        "upstream_rejected",
+        f"The model service rejected the request (HTTP {status}).",
+        retryable=False,
+    )
 
 
 def _refused(exc: BaseException) -> bool:
     """Whether a connection failure was an error (refused, reset, no route) rather than a
-    timeout. The SDK's aiohttp transport reports every `ClientConnectionError` as a connect
-    timeout; the OSError behind it tells the truth."""
+    timeout. The SDK's aiohttp transport reports every aiohttp `ClientConnectionError` as a
+    connect timeout; the OSError behind it tells the truth."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
             return True
         cause = cause.__cause__ or cause.__context__
     return False
-
-
-def _describe(exc: openai.APIError) -> str:
-    if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}"
-    return type(exc).__name__
