@@ -164,6 +164,8 @@ async def _converse(cfg: Config, index: int, ws: Any, t0: float, res: Results) -
             kind = frame.get("type")
             if kind == "error":
                 raise SessionError(f"error_{frame.get('code')}", frame.get("message", ""))
+            if kind == "queued":  # admission control: served later (transient, no seq)
+                continue
             if frame.get("seq") != seq + 1:
                 raise SessionError("seq", f"expected seq {seq + 1}, got {frame}")
             seq += 1
