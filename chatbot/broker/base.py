@@ -184,8 +184,13 @@ class Broker(Protocol):
     async def last_seq(self, session: str) -> int | None:
         """The session's last `seq` (0 when empty), or None when the session does not exist."""
 
-    async def append(self, session: str, event: dict[str, Any]) -> Event:
-        """Give `event` the next seq, log it, publish it to the session's subscribers."""
+    async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
+        """Give `event` the next seq, log it, publish it to the session's subscribers.
+
+        `key` makes a retry safe: when the session's last appended event had the same key, that
+        event is returned and nothing is appended (a call whose answer was lost to a broken
+        connection may have run). Only the last key is remembered: a writer retries an append
+        before it makes the next."""
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
         """Atomically append `event` and release `lease`, if `lease` still holds the session.

@@ -24,6 +24,7 @@ class _Session:
     log: deque[Event] | None = None
     history: deque[dict[str, str]] | None = None
     seq: int = 0
+    last_key: str | None = None  # of the last appended event (see Broker.append)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -65,12 +66,15 @@ class MemoryBroker:
         state = self._live(session)
         return None if state is None else state.seq
 
-    async def append(self, session: str, event: dict[str, Any]) -> Event:
+    async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         state = self._live(session)
         if state is None:
             # Expired while a client was still talking to it: start it again rather than fail.
             await self.create_session(session)
             state = self._sessions[session]
+        if key is not None and key == state.last_key and state.log:
+            return state.log[-1]
+        state.last_key = key
         state.seq += 1
         data = {"type": event["type"], "seq": state.seq, **event}
         logged = Event(seq=state.seq, data=data, frame=encode(data))

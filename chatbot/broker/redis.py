@@ -49,8 +49,14 @@ CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 5.0)  # first and longest wait between listener restarts
 
 # Appends one event: next seq, log entry, publish, TTL refresh. ARGV[1] and ARGV[2] are the frame's
-# JSON before and after the seq value, so the frame is built without decoding JSON in Lua.
+# JSON before and after the seq value, so the frame is built without decoding JSON in Lua. ARGV[6]
+# is the event's idempotency key ('' for none): the same key as the last append returns that
+# append's seq and does nothing (a retry of a call whose answer was lost).
 _APPEND = """
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[6] then
+  return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+end
+redis.call('HSET', KEYS[1], 'key', ARGV[6])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
@@ -61,12 +67,13 @@ redis.call('PUBLISH', ARGV[5], frame)
 return seq
 """
 
-# The same, but only while ARGV[6] (a lease) still holds the session; releases it.
+# The same, but only while ARGV[7] (a lease) still holds the session; releases it. (So a retried
+# finish never appends twice: the first one released the lease.)
 _FINISH = (
     """
-if redis.call('HGET', KEYS[4], ARGV[7]) ~= ARGV[6] then return 0 end
-redis.call('HDEL', KEYS[4], ARGV[7])
-redis.call('ZREM', KEYS[5], ARGV[7])
+if redis.call('HGET', KEYS[4], ARGV[8]) ~= ARGV[7] then return 0 end
+redis.call('HDEL', KEYS[4], ARGV[8])
+redis.call('ZREM', KEYS[5], ARGV[8])
 """
     + _APPEND
 )
@@ -384,7 +391,7 @@ class RedisBroker:
             value = await self._redis.hget(meta, "seq")
         return None if value is None else int(value)
 
-    def _event_args(self, session: str, event: dict[str, Any]) -> list[Any]:
+    def _event_args(self, session: str, event: dict[str, Any], key: str | None) -> list[Any]:
         head, tail = _frame_parts(event)
         settings = self._settings
         return [
@@ -393,10 +400,11 @@ class RedisBroker:
             settings.session_log_max_events,
             settings.session_ttl_s,
             _session_channel(session),
+            key or "",
         ]
 
-    async def append(self, session: str, event: dict[str, Any]) -> Event:
-        args = self._event_args(session, event)
+    async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
+        args = self._event_args(session, event, key)
         with _unavailable("appending an event"):
             seq = int(await self._batched(self._append, _session_keys(session), args))
         frame = args[0] + str(seq) + args[1]
@@ -458,7 +466,7 @@ class RedisBroker:
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
         keys = [*_session_keys(session), LEASES, LEASE_DUE]
-        args = [*self._event_args(session, event), _lease_text(lease), session]
+        args = [*self._event_args(session, event, None), _lease_text(lease), session]
         with _unavailable("finishing a reply"):
             return bool(await self._finish(keys=keys, args=args))
 

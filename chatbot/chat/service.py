@@ -193,7 +193,9 @@ class ChatService:
                         gen.timer.delta()
                         gen.text.append(piece)
                         delta = protocol.delta_event(msg_id, piece)
-                        await self._outlast(partial(self.broker.append, session, delta))
+                        # A retried append never doubles text (the token is this reply's own).
+                        key = f"{gen.lease.token}:{len(gen.text)}"
+                        await self._outlast(partial(self.broker.append, session, delta, key))
                 reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
@@ -208,7 +210,9 @@ class ChatService:
             log.warning("reply %s failed upstream: %s", msg_id[:8], exc.code)
             metrics.upstream_error(exc.code)
             await self._append_quietly(
-                session, protocol.reply_error_event(msg_id, exc.code, exc.message)
+                session,
+                protocol.reply_error_event(msg_id, exc.code, exc.message),
+                f"{gen.lease.token}:!",
             )
         except BrokerUnavailable:
             log.error("reply %s lost the broker; the lease will expire and be swept", msg_id[:8])
@@ -220,6 +224,7 @@ class ChatService:
                 protocol.reply_error_event(
                     msg_id, "internal_error", "The reply failed because of a server error."
                 ),
+                f"{gen.lease.token}:!",
             )
         finally:
             self._running.pop(session, None)
@@ -246,9 +251,9 @@ class ChatService:
         except BrokerUnavailable:
             log.error("could not close reply %s; the lease will expire", gen.lease.msg_id[:8])
 
-    async def _append_quietly(self, session: str, event: dict[str, Any]) -> None:
+    async def _append_quietly(self, session: str, event: dict[str, Any], key: str) -> None:
         try:
-            await self._outlast(partial(self.broker.append, session, event))
+            await self._outlast(partial(self.broker.append, session, event, key))
         except BrokerUnavailable:
             log.error("could not record a reply error in session %s…", session[:6])
 

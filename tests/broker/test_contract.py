@@ -55,6 +55,20 @@ async def test_concurrent_appends_of_many_sessions_keep_each_sessions_order(
         assert texts == [str(k) for k in range(20)]
 
 
+async def test_a_retried_append_with_the_same_key_is_not_appended_twice(broker: Broker) -> None:
+    """A writer whose append got no answer (the connection broke after Redis ran it) retries
+    with the same key: the event is in the log once, and the retry gets its seq."""
+    await broker.create_session("s")
+    first = await broker.append("s", delta_event("m", " the"), key="m:1")
+    again = await broker.append("s", delta_event("m", " the"), key="m:1")
+    same_text = await broker.append("s", delta_event("m", " the"), key="m:2")
+    unkeyed = [await broker.append("s", delta_event("m", "x")) for _ in range(2)]
+    assert (first.seq, again.seq, same_text.seq) == (1, 1, 2)
+    assert again.frame == first.frame
+    assert [e.seq for e in unkeyed] == [3, 4]
+    assert [e.seq for e in await broker.replay("s", 0)] == [1, 2, 3, 4]
+
+
 async def test_subscribers_get_live_events_of_their_session_only(broker: Broker) -> None:
     for s in ("s", "other"):
         await broker.create_session(s)
