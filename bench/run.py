@@ -610,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.flask_deadline_s:.0f} s per scenario: requests not answered by then count "
             f"as timeouts. Whole run: {(time.monotonic() - bench.started) / 60:.1f} min."
             + (
-                f" Every process the benchmark started ran at niceness {args.nice}, because "
-                "other programs shared the machine during the run (*other CPU %* in the tables)."
+                f" Every process the benchmark started ran at niceness {args.nice}, ahead of "
+                "anything else on the machine (what else ran is in *other CPU %*)."
                 if args.nice
                 else ""
             )
