@@ -195,7 +195,10 @@ class ChatService:
                         delta = protocol.delta_event(msg_id, piece)
                         # A retried append never doubles text (the token is this reply's own).
                         key = f"{gen.lease.token}:{len(gen.text)}"
-                        await self._outlast(partial(self.broker.append, session, delta, key))
+                        try:
+                            await self.broker.append(session, delta, key)
+                        except BrokerUnavailable:  # ride it out; the key makes retrying safe
+                            await self._outlast(partial(self.broker.append, session, delta, key))
                 reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:

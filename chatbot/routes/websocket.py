@@ -133,8 +133,9 @@ async def _first_to_end(
 
 
 async def _send_all(feed: Feed) -> None:
+    send = websocket._get_current_object().send  # not a context-local lookup per frame
     async for frame in feed:
-        await websocket.send(frame)
+        await send(frame)
 
 
 async def _receive_all(feed: Feed, service: ChatService, session: str, ip: str) -> None:
