@@ -122,3 +122,14 @@ async def test_limits_are_shared_by_instances_through_redis(
             response = await app.test_client().post("/chat", json={"message": "hi"})
             codes.append(response.status_code)
     assert codes == [200, 200, 429]
+
+
+def test_the_paced_sweep_still_overrides_the_storage_hook() -> None:
+    """`_PacedMemoryStorage` replaces a private method of `limits`' MemoryStorage; if an upgrade
+    renames it, the override would silently stop pacing (O(sessions) per message again)."""
+    from limits.aio.storage import MemoryStorage
+
+    from chatbot.chat.limits import _PacedMemoryStorage
+
+    assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
+    assert "_MemoryStorage__schedule_expiry" in vars(_PacedMemoryStorage)

@@ -429,7 +429,7 @@ class RedisBroker:
                 batch, self._batch = self._batch, []
                 try:
                     results = await self._run_batch([call[:3] for call in batch])
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # every caller hears of it, as if it ran alone
                     results = [exc] * len(batch)
                 for (*_, done), result in zip(batch, results, strict=True):
                     if done.done():  # its caller was cancelled

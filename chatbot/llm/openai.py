@@ -118,6 +118,7 @@ class OpenAIReply:
                         watchdog.move_to(loop.time() + self._idle_timeout_s)
                 if ended:
                     break
+            watchdog.pause()  # the stream is over: closing it is not waiting on the service
         except asyncio.CancelledError:
             if watchdog.expired():
                 raise (
