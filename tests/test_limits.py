@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 from quart.testing.connections import WebsocketResponseError
@@ -89,8 +91,11 @@ async def test_sockets_per_ip_are_limited_before_accept(app_with, settings) -> N
             for raw in (first, second):
                 assert (await Socket(raw).recv())["type"] == "ready"
             with pytest.raises(WebsocketResponseError) as refused:
-                async with client.websocket("/ws"):
-                    pass
+                async with client.websocket("/ws") as third:
+                    # Wait for the answer: leaving at once would hang up before it is given
+                    # (the handshake's count is a broker round trip).
+                    async with asyncio.timeout(5):
+                        await third.receive()
             assert refused.value.response.status_code == 429
         async with client.websocket("/ws") as again:  # places are given back on close
             assert (await Socket(again).recv())["type"] == "ready"

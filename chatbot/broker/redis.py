@@ -139,6 +139,18 @@ return claimed
 )
 
 
+_CREATE = """
+redis.call('HSET', KEYS[1], 'seq', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
+# One history turn, atomically: append, keep the last ARGV[2] (negative), refresh the TTL.
+_ADD_TURN = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], ARGV[2], -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+"""
+
 _ADJUST = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -223,6 +235,8 @@ class RedisBroker:
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
         self._adjust = self._redis.register_script(_ADJUST)
+        self._create = self._redis.register_script(_CREATE)
+        self._add_turn = self._redis.register_script(_ADD_TURN)
         self._batch: list[tuple[Any, int, list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._hub = Hub()
@@ -382,13 +396,12 @@ class RedisBroker:
     async def create_session(self, session: str) -> None:
         meta, _, _ = _session_keys(session)
         with _unavailable("creating a session"):
-            await self._redis.hset(meta, "seq", 0)
-            await self._redis.expire(meta, self._settings.session_ttl_s)
+            await self._batched(self._create, (meta,), [self._settings.session_ttl_s])
 
     async def last_seq(self, session: str) -> int | None:
         meta, _, _ = _session_keys(session)
         with _unavailable("reading a session"):
-            value = await self._redis.hget(meta, "seq")
+            value = await self._command("HGET", meta, "seq")
         return None if value is None else int(value)
 
     def _event_args(self, session: str, event: dict[str, Any], key: str | None) -> list[Any]:
@@ -411,13 +424,20 @@ class RedisBroker:
         return Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
 
     def _batched(self, script: Any, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run a script in the next batch: the calls of every reply
-        of this process (a token's append, a lease renewal) that arrive while the previous
+        """Run a script in the next batch: the calls of every socket and reply of this process
+        (a token's append, a lease renewal, a history read) that arrive while the previous
         batch is in flight go together as one pipeline, one connection and one round trip,
         instead of a pool checkout and a round trip each. Calls run in the order made; a
         reply awaits each of its appends, so a session's events keep their order."""
+        return self._enqueue((script, len(keys), [*keys, *args]))
+
+    def _command(self, *argv: Any) -> asyncio.Future[Any]:
+        """A plain command (`HGET`, `LRANGE`, `PUBLISH`...) in the next batch."""
+        return self._enqueue((None, 0, list(argv)))
+
+    def _enqueue(self, call: tuple[Any, int, list[Any]]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batch.append((script, len(keys), [*keys, *args], done))
+        self._batch.append((*call, done))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_batches())
         return done
@@ -453,7 +473,10 @@ class RedisBroker:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for i in todo:
                     script, numkeys, argv = batch[i]
-                    pipe.evalsha(script.sha, numkeys, *argv)
+                    if script is None:
+                        pipe.execute_command(*argv)
+                    else:
+                        pipe.evalsha(script.sha, numkeys, *argv)
                 answers = await pipe.execute(raise_on_error=False)
             for i, answer in zip(todo, answers, strict=True):
                 results[i] = answer
@@ -468,7 +491,7 @@ class RedisBroker:
         keys = [*_session_keys(session), LEASES, LEASE_DUE]
         args = [*self._event_args(session, event, None), _lease_text(lease), session]
         with _unavailable("finishing a reply"):
-            return bool(await self._finish(keys=keys, args=args))
+            return bool(await self._batched(self._finish, keys, args))
 
     async def replay(self, session: str, after: int) -> list[Event]:
         _, stream, _ = _session_keys(session)
@@ -503,35 +526,33 @@ class RedisBroker:
 
     async def announce(self, session: str, frame: dict[str, Any]) -> None:
         with _unavailable("announcing to a session"):
-            await self._redis.publish(_session_channel(session), encode(frame))
+            await self._command("PUBLISH", _session_channel(session), encode(frame))
 
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         with _unavailable("sending a control message"):
-            await self._redis.publish(_instance_channel(instance), json.dumps(message))
+            await self._command("PUBLISH", _instance_channel(instance), json.dumps(message))
 
     # Model context.
 
     async def history(self, session: str) -> list[dict[str, str]]:
         _, _, hist = _session_keys(session)
         with _unavailable("reading history"):
-            turns = await self._redis.lrange(hist, 0, -1)
+            turns = await self._command("LRANGE", hist, 0, -1)
         return [json.loads(turn) for turn in turns]
 
     async def add_turn(self, session: str, role: str, content: str) -> None:
         _, _, hist = _session_keys(session)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(hist, json.dumps({"role": role, "content": content}))
-            pipe.ltrim(hist, -2 * self._settings.history_turns, -1)
-            pipe.expire(hist, self._settings.session_ttl_s)
-            with _unavailable("adding to history"):
-                await pipe.execute()
+        turn = json.dumps({"role": role, "content": content})
+        args = [turn, -2 * self._settings.history_turns, self._settings.session_ttl_s]
+        with _unavailable("adding to history"):
+            await self._batched(self._add_turn, (hist,), args)
 
     # Leases.
 
     async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
         args = [session, _lease_text(lease), int(ttl_s * 1000)]
         with _unavailable("acquiring a lease"):
-            return bool(await self._acquire(keys=[LEASES, LEASE_DUE], args=args))
+            return bool(await self._batched(self._acquire, (LEASES, LEASE_DUE), args))
 
     async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool:
         args = [session, _lease_text(lease), int(ttl_s * 1000)]
@@ -540,11 +561,11 @@ class RedisBroker:
 
     async def release(self, session: str, lease: Lease) -> None:
         with _unavailable("releasing a lease"):
-            await self._release(keys=[LEASES, LEASE_DUE], args=[session, _lease_text(lease)])
+            await self._batched(self._release, (LEASES, LEASE_DUE), [session, _lease_text(lease)])
 
     async def lease(self, session: str) -> Lease | None:
         with _unavailable("reading a lease"):
-            text = await self._redis.hget(LEASES, session)
+            text = await self._command("HGET", LEASES, session)
         return None if text is None else _lease_of(text)
 
     async def claim_expired(self, claimant: str, ttl_s: float) -> list[tuple[str, Lease]]:
@@ -555,7 +576,7 @@ class RedisBroker:
 
     async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
         with _unavailable("adjusting a counter"):
-            return int(await self._adjust(keys=[key], args=[delta, ttl_s]))
+            return int(await self._batched(self._adjust, (key,), [delta, ttl_s]))
 
     # Tasks of the HTTP ask API.
 
