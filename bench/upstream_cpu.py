@@ -13,31 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
 
+from chatbot.cli import run
 from chatbot.llm.openai import OpenAIModel
 from chatbot.settings import Settings
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_port(port: int) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
+from .procs import Server, free_port, python
 
 
 async def _measure(args: argparse.Namespace, base_url: str) -> None:
@@ -70,38 +54,24 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--history", type=int, default=6, help="messages sent per request")
     args = parser.parse_args()
-    port = _free_port()
-    fake = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "chatbot.fake_openai",
-            "--port",
-            str(port),
-            "--ttft-ms",
-            "20",
-            "--chunks",
-            str(args.chunks),
-            "--interval-ms",
-            "5",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = free_port()
+    argv = [python(), "-m", "chatbot.fake_openai", "--port", str(port), "--ttft-ms", "20"]
+    argv += ["--chunks", str(args.chunks), "--interval-ms", "5"]
+    pinned = (os.cpu_count() or 1) > 1
+    fake = Server(
+        "fake",
+        argv,
+        port=port,
+        log_dir=Path(tempfile.mkdtemp(prefix="upstream-cpu-")),
+        cpus=frozenset({1}) if pinned else None,
+        health_path="/v1/models",
+    ).start()
     try:
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-            os.sched_setaffinity(fake.pid, {1})
+        if pinned:
             os.sched_setaffinity(0, {0})
-        try:
-            import uvloop
-
-            runner = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        runner(_wait_port(port))
-        runner(_measure(args, f"http://127.0.0.1:{port}/v1"))
+        run(_measure(args, f"http://127.0.0.1:{port}/v1"))
     finally:
-        fake.terminate()
-        fake.wait(10)
+        fake.stop()
 
 
 if __name__ == "__main__":
