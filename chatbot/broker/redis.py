@@ -465,8 +465,9 @@ class RedisBroker:
                     done.set_exception(ConnectionError("the broker is closing"))
 
     async def _run_batch(self, batch: list[tuple[Any, int, list[Any]]]) -> list[Any]:
-        """EVALSHA each call in one pipeline, in order. When Redis lost a script (a restart) it
-        refuses those calls, which therefore did not run: load the scripts and run them again."""
+        """Send the calls as one pipeline, in order: `EVALSHA` for a script, the command itself
+        otherwise. When Redis lost a script (a restart) it refuses those calls, which therefore
+        did not run: load the scripts and run them again."""
         results: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
         for attempt in range(2):

@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
 from .. import logs, metrics, protocol
@@ -195,10 +194,7 @@ class ChatService:
                         delta = protocol.delta_event(msg_id, piece)
                         # A retried append never doubles text (the token is this reply's own).
                         key = f"{gen.lease.token}:{len(gen.text)}"
-                        try:
-                            await self.broker.append(session, delta, key)
-                        except BrokerUnavailable:  # ride it out; the key makes retrying safe
-                            await self._outlast(partial(self.broker.append, session, delta, key))
+                        await self._outlast(self.broker.append, session, delta, key)
                 reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
@@ -249,18 +245,18 @@ class ChatService:
         try:
             if gen.text and reason != "error":
                 text = "".join(gen.text)
-                await self._outlast(partial(self.broker.add_turn, gen.session, "assistant", text))
-            await self._outlast(partial(self.broker.finish, gen.session, done, gen.lease))
+                await self._outlast(self.broker.add_turn, gen.session, "assistant", text)
+            await self._outlast(self.broker.finish, gen.session, done, gen.lease)
         except BrokerUnavailable:
             log.error("could not close reply %s; the lease will expire", gen.lease.msg_id[:8])
 
     async def _append_quietly(self, session: str, event: dict[str, Any], key: str) -> None:
         try:
-            await self._outlast(partial(self.broker.append, session, event, key))
+            await self._outlast(self.broker.append, session, event, key)
         except BrokerUnavailable:
             log.error("could not record a reply error in session %s…", session[:6])
 
-    async def _outlast(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _outlast(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """A broker call that rides out a short outage (a Redis restart, a network blip) for up to
         one lease TTL. Longer, and the lease has lapsed anyway: the orphan sweep closes the reply.
         """
@@ -269,7 +265,7 @@ class ChatService:
         delay = OUTAGE_RETRY_S[0]
         while True:
             try:
-                return await call()
+                return await call(*args)
             except BrokerUnavailable:
                 if loop.time() + delay > deadline:
                     raise

@@ -244,22 +244,22 @@ class OpenAIModel:
         body = json.dumps({"model": self.name, "messages": messages, "stream": True}).encode()
         retries = 0
         while True:
-            status, headers = None, httpx2.Headers()
+            status: int | None
+            headers: Mapping[str, str]
             try:
                 request = self._http.build_request(
                     "POST", self._url, content=body, headers=self._headers
                 )
                 response = await self._http.send(request, stream=True)
             except httpx2.TransportError as exc:
-                error = connection_error(exc)
+                status, headers, error = None, {}, connection_error(exc)
                 cause: BaseException = exc
             else:
                 if response.is_success:
                     return response  # the caller closes it
                 status, headers = response.status_code, response.headers
                 await response.aclose()  # the body of an error is never shown to anyone
-                error = status_error(status, headers)
-                cause = error
+                error = cause = status_error(status, headers)
             wait_s = retry_wait_s(status, headers, retries) if retries < self._max_retries else None
             if wait_s is None or loop.time() + wait_s >= first_token_at:
                 raise error from cause
