@@ -102,7 +102,7 @@ class Settings:
             system_prompt=reader.get("SYSTEM_PROMPT", str, d.system_prompt),
             redis_url=reader.get("REDIS_URL", _url(("redis", "rediss", "memory")), None),
             redis_max_connections=reader.get(
-                "REDIS_MAX_CONNECTIONS", _at_least(2), d.redis_max_connections
+                "REDIS_MAX_CONNECTIONS", _at_least(3), d.redis_max_connections
             ),
             redis_timeout_s=reader.get("REDIS_TIMEOUT_S", _positive(float), d.redis_timeout_s),
             redis_canary_interval_s=reader.get(

@@ -138,3 +138,16 @@ def test_the_paced_sweep_still_overrides_the_storage_hook() -> None:
 
     assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
     assert "_MemoryStorage__schedule_expiry" in vars(_PacedMemoryStorage)
+
+
+def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
+    """`_storage` routes these scripts of `limits`' Redis bridge through the broker's batches;
+    if an upgrade renames them, the rate limits would quietly go back to a round trip each."""
+    from limits.aio.storage import RedisStorage
+
+    from chatbot.chat.limits import BATCHED_SCRIPTS
+
+    storage = RedisStorage("async+redis://127.0.0.1:1", implementation="redispy")
+    for name in BATCHED_SCRIPTS:
+        script = getattr(storage.bridge, name)
+        assert script.sha and script.script  # what the batches run (`EVALSHA`) and reload

@@ -1,17 +1,24 @@
 """The Redis broker: shared sessions, a replayable event log, leases and fan-out between instances.
 
 Connection budget per process: one pub/sub connection (whatever the number of sockets; the local
-`Hub` fans out) plus a small blocking pool for commands (`REDIS_MAX_CONNECTIONS` in all).
+`Hub` fans out), one for the pipelined batches and a few for replays (`REDIS_MAX_CONNECTIONS` in
+all, from one blocking pool).
+
+Fan-out: an instance delivers the events it writes to its own sockets at once, and Redis
+publishes them only to the *other* instances that have sockets on the session (its `subs` set),
+on each one's event channel. The common case, a reply whose sockets are all on the instance that
+generates it, then costs no pub/sub traffic at all.
 
 Key layout (docs/scaling.md has the full story):
 
     chatbot:s:{session}:meta   hash   seq (last seq); refreshed TTL on every event
     chatbot:s:{session}:log    stream entry id "{seq}-0", field f = the frame; MAXLEN ~ N
     chatbot:s:{session}:hist   list   model context turns (JSON), trimmed to 2 x HISTORY_TURNS
+    chatbot:s:{session}:subs   set    instances with local sockets on the session
     chatbot:lease              hash   session -> "owner|msg_id|token" of the generating instance
     chatbot:lease:due          zset   session -> lease deadline (ms, Redis clock)
     chatbot:task:{task}        string the HTTP ask API's task record (JSON), with a TTL
-    channel chatbot:s:{session}       live events of a session (the logged frames)
+    channel chatbot:e:{instance}      live events for one instance: "{session} {frame}"
     channel chatbot:i:{instance}      control messages for one instance (stop, canary)
 
 Every multi-step change is one Lua script, so seq order, log order and publish order agree, and
@@ -24,20 +31,22 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from .. import metrics
 from ..errors import BrokerUnavailable
 from ..protocol import encode, new_id
 from ..settings import Settings
 from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
+from .hiredis_packing import use_hiredis_packing
+from .redis_batches import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +57,57 @@ SUBSCRIBE_TIMEOUT_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 5.0)  # first and longest wait between listener restarts
 
-# Appends one event: next seq, log entry, publish, TTL refresh. ARGV[1] and ARGV[2] are the frame's
-# JSON before and after the seq value, so the frame is built without decoding JSON in Lua. ARGV[6]
+
+def _fan_out(subs: str, frame: str, writer: str, session: str) -> str:
+    """Lua publishing `frame` to the event channel of every instance in the session's set `subs`
+    but `writer`, which delivers to its own sockets itself (the arguments are Lua expressions)."""
+    return f"""
+for _, instance in ipairs(redis.call('SMEMBERS', {subs})) do
+  if instance ~= {writer} then
+    redis.call('PUBLISH', '{PREFIX}:e:' .. instance, {session} .. ' ' .. {frame})
+  end
+end
+"""
+
+
+# Appends one event: next seq, log entry, TTL refresh, fan-out. ARGV[1] and ARGV[2] are the frame's
+# JSON before and after the seq value, so the frame is built without decoding JSON in Lua. ARGV[5]
 # is the event's idempotency key ('' for none): the same key as the last append returns that
 # append's seq and does nothing (a retry of a call whose answer was lost).
-_APPEND = """
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[6] then
+_APPEND = (
+    """
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
   return tonumber(redis.call('HGET', KEYS[1], 'seq'))
 end
-redis.call('HSET', KEYS[1], 'key', ARGV[6])
+redis.call('HSET', KEYS[1], 'key', ARGV[5])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[5], frame)
-return seq
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 """
+    + _fan_out(subs="KEYS[4]", frame="frame", writer="ARGV[6]", session="ARGV[7]")
+    + "return seq\n"
+)
 
-# The same, but only while ARGV[7] (a lease) still holds the session; releases it. (So a retried
-# finish never appends twice: the first one released the lease.)
+# The same, but only while ARGV[8] (a lease) still holds the session (ARGV[7]); releases it. (So
+# a retried finish never appends twice: the first one released the lease.)
 _FINISH = (
     """
-if redis.call('HGET', KEYS[4], ARGV[8]) ~= ARGV[7] then return 0 end
-redis.call('HDEL', KEYS[4], ARGV[8])
-redis.call('ZREM', KEYS[5], ARGV[8])
+if redis.call('HGET', KEYS[5], ARGV[7]) ~= ARGV[8] then return 0 end
+redis.call('HDEL', KEYS[5], ARGV[7])
+redis.call('ZREM', KEYS[6], ARGV[7])
 """
     + _APPEND
 )
+
+# A transient frame (no seq, not logged) to the session's sockets on other instances.
+_ANNOUNCE = _fan_out(subs="KEYS[1]", frame="ARGV[1]", writer="ARGV[2]", session="ARGV[3]")
+
+# A socket's instance joins the session's fan-out (ARGV[1]), for as long as the session lives.
+_JOIN = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -158,13 +189,13 @@ return value
 """
 
 
-def _session_keys(session: str) -> tuple[str, str, str]:
+def _session_keys(session: str) -> tuple[str, str, str, str]:
     base = f"{PREFIX}:s:{session}"
-    return f"{base}:meta", f"{base}:log", f"{base}:hist"
+    return f"{base}:meta", f"{base}:log", f"{base}:hist", f"{base}:subs"
 
 
-def _session_channel(session: str) -> str:
-    return f"{PREFIX}:s:{session}"
+def _events_channel(instance: str) -> str:
+    return f"{PREFIX}:e:{instance}"
 
 
 def _instance_channel(instance: str) -> str:
@@ -227,6 +258,7 @@ class RedisBroker:
             # connection died exists with or without it; the outage retries above have it too.)
             retry=Retry(NoBackoff(), 1),
         )
+        use_hiredis_packing(self.pool)
         self._redis = aioredis.Redis(connection_pool=self.pool)
         self._append = self._redis.register_script(_APPEND)
         self._finish = self._redis.register_script(_FINISH)
@@ -237,13 +269,18 @@ class RedisBroker:
         self._adjust = self._redis.register_script(_ADJUST)
         self._create = self._redis.register_script(_CREATE)
         self._add_turn = self._redis.register_script(_ADD_TURN)
-        self._batch: list[tuple[Any, int, list[Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._announce = self._redis.register_script(_ANNOUNCE)
+        self._join_script = self._redis.register_script(_JOIN)
+        # Nearly every call goes in the batches, on one connection of the pool; the pub/sub
+        # listener holds another, and replays and the health check use the rest.
+        self._batches = Batcher(self.pool, settings.redis_timeout_s)
         self._hub = Hub()
         self._instance = ""
         self._on_control: ControlHandler = lambda message: None
         self._pubsub: Any = None
-        self._subscribed: dict[str, asyncio.Future[None]] = {}
+        # Per session with local sockets: its registration in the session's `subs` set.
+        self._joined: dict[str, asyncio.Future[None]] = {}
+        self._listening_now: asyncio.Future[None] | None = None  # done while listening
         self._listening = False
         self._listened = False  # has listened at least once
         self._backoff_s = RECONNECT_BACKOFF_S[0]
@@ -256,13 +293,12 @@ class RedisBroker:
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         self._instance = instance
         self._on_control = on_control
+        self._listening_now = asyncio.get_running_loop().create_future()
         for loop in (self._listen_forever(), self._canary_forever()):
             task = asyncio.create_task(loop)
             self._tasks.add(task)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._tasks.add(self._flusher)
         for task in self._tasks:
             task.cancel()
         # Bounded: a shutdown must never hang on a connection attempt that ignores cancellation.
@@ -272,6 +308,8 @@ class RedisBroker:
         if self._pubsub is not None:
             with suppress(Exception):
                 await self._pubsub.aclose()
+        with suppress(Exception):
+            await self._batches.close(CLOSE_TIMEOUT_S)
         await self._redis.aclose()
         await self.pool.disconnect()
 
@@ -301,9 +339,9 @@ class RedisBroker:
         """The one pub/sub connection of this process, restarted with backoff whenever it fails.
 
         redis-py reconnects a PubSub itself only for a few quick retries, then the listener dies;
-        so every failure here ends in a fresh PubSub that re-subscribes every channel local
-        sockets need, after which every local subscription re-reads the log (RESYNC) to recover
-        what was published while it was deaf.
+        so every failure here ends in a fresh PubSub that subscribes this instance's two
+        channels again, after which every local subscription re-reads the log (RESYNC) to
+        recover what was published while it was deaf.
         """
         while True:
             try:
@@ -315,6 +353,7 @@ class RedisBroker:
                     raise asyncio.CancelledError from exc  # the client library swallowed it
                 if self._listening:
                     log.warning("redis pub/sub listener lost (%s); reconnecting", exc)
+                    self._listening_now = asyncio.get_running_loop().create_future()
                 self._listening = False
                 await asyncio.sleep(self._backoff_s)
                 self._backoff_s = min(self._backoff_s * 2, RECONNECT_BACKOFF_S[1])
@@ -324,11 +363,10 @@ class RedisBroker:
             with suppress(Exception):
                 await self._pubsub.aclose()
         pubsub = self._pubsub = self._redis.pubsub()
-        control = _instance_channel(self._instance)
-        # The control channel goes last: Redis answers in order, so its confirmation means every
-        # session channel before it is live, and the resync below cannot miss anything.
-        channels = [_session_channel(s) for s in self._hub.sessions()] + [control]
-        await pubsub.subscribe(*channels)
+        control, events = _instance_channel(self._instance), _events_channel(self._instance)
+        # The control channel goes last: Redis answers in order, so its confirmation means the
+        # events channel is live too, and the resync below cannot miss anything.
+        await pubsub.subscribe(events, control)
         while True:
             message = await pubsub.get_message(timeout=self._settings.redis_canary_interval_s)
             if time.monotonic() - self._last_canary > self._canary_deadline_s:
@@ -337,36 +375,33 @@ class RedisBroker:
                 continue
             kind, channel = message["type"], message["channel"]
             if kind == "message":
-                if channel == control:
-                    self._control(message["data"])
+                if channel == events:
+                    self._dispatch(message["data"])
                 else:
-                    self._dispatch(channel, message["data"])
-            elif kind == "subscribe":
-                future = self._subscribed.get(channel)
-                if future is not None and not future.done():
-                    future.set_result(None)
-                if channel == control:
-                    await self._on_listening(pubsub, channels)
+                    self._control(message["data"])
+            elif kind == "subscribe" and channel == control:
+                await self._on_listening()
 
-    async def _on_listening(self, pubsub: Any, subscribed: list[str]) -> None:
+    async def _on_listening(self) -> None:
         if self._listened:
             self.reconnects += 1
             log.info("redis pub/sub listener back; resyncing local sockets")
+            # A Redis that restarted lost the `subs` sets: join every local session again.
+            with suppress(BrokerUnavailable):
+                await asyncio.gather(*(self._join(session) for session in self._hub.sessions()))
         self._listened = self._listening = True
         self._backoff_s = RECONNECT_BACKOFF_S[0]
         self._last_canary = time.monotonic()
-        # Sockets that arrived while the listener was (re)starting are not in `subscribed`.
-        late = [c for c, f in self._subscribed.items() if not f.done() and c not in subscribed]
-        if late:
-            await pubsub.subscribe(*late)
+        if self._listening_now is not None and not self._listening_now.done():
+            self._listening_now.set_result(None)
         self._hub.resync_all()
 
-    def _dispatch(self, channel: str, frame: str) -> None:
-        session = channel[len(PREFIX) + 3 :]
+    def _dispatch(self, message: str) -> None:
+        session, _, frame = message.partition(" ")
         try:
             data = json.loads(frame)
         except ValueError:
-            log.error("ignored a malformed frame on %s…", channel[:16])
+            log.error("ignored a malformed frame for session %s…", session[:6])
             return
         # Logged events carry a seq; transient frames (announce) are passed on as they are.
         seq = data.get("seq") if isinstance(data, dict) else None
@@ -394,12 +429,12 @@ class RedisBroker:
     # Sessions and their event log.
 
     async def create_session(self, session: str) -> None:
-        meta, _, _ = _session_keys(session)
+        meta, *_ = _session_keys(session)
         with _unavailable("creating a session"):
             await self._batched(self._create, (meta,), [self._settings.session_ttl_s])
 
     async def last_seq(self, session: str) -> int | None:
-        meta, _, _ = _session_keys(session)
+        meta, *_ = _session_keys(session)
         with _unavailable("reading a session"):
             value = await self._command("HGET", meta, "seq")
         return None if value is None else int(value)
@@ -412,90 +447,51 @@ class RedisBroker:
             tail,
             settings.session_log_max_events,
             settings.session_ttl_s,
-            _session_channel(session),
             key or "",
+            self._instance,
+            session,
         ]
 
     async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         args = self._event_args(session, event, key)
         with _unavailable("appending an event"):
             seq = int(await self._batched(self._append, _session_keys(session), args))
+        return self._logged(session, event, seq, args)
+
+    def _logged(self, session: str, event: dict[str, Any], seq: int, args: list[Any]) -> Event:
+        """The event Redis logged as `seq`, delivered to this instance's sockets."""
         frame = args[0] + str(seq) + args[1]
-        return Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
+        logged = Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
+        self._hub.dispatch(session, logged)
+        return logged
 
     def _batched(self, script: Any, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run a script in the next batch: the calls of every socket and reply of this process
-        (a token's append, a lease renewal, a history read) that arrive while the previous
-        batch is in flight go together as one pipeline, one connection and one round trip,
-        instead of a pool checkout and a round trip each. Calls run in the order made; a
-        reply awaits each of its appends, so a session's events keep their order."""
-        return self._enqueue((script, len(keys), [*keys, *args]))
+        return self._batches.script(script, keys, args)
 
     def _command(self, *argv: Any) -> asyncio.Future[Any]:
-        """A plain command (`HGET`, `LRANGE`, `PUBLISH`...) in the next batch."""
-        return self._enqueue((None, 0, list(argv)))
+        return self._batches.command(*argv)
 
-    def _enqueue(self, call: tuple[Any, int, list[Any]]) -> asyncio.Future[Any]:
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batch.append((*call, done))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_batches())
-        return done
+    def batched(self, script: Any) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
+        """`script` (a redis-py `Script`) as a callable `(keys, args)` that runs in the batches,
+        failing with `BrokerUnavailable`: how the rate limiter's own scripts join them."""
 
-    async def _flush_batches(self) -> None:
-        batch: list[tuple[Any, int, list[Any], asyncio.Future[Any]]] = []
-        try:
-            while self._batch:
-                batch, self._batch = self._batch, []
-                try:
-                    results = await self._run_batch([call[:3] for call in batch])
-                except Exception as exc:  # every caller hears of it, as if it ran alone
-                    results = [exc] * len(batch)
-                for (*_, done), result in zip(batch, results, strict=True):
-                    if done.done():  # its caller was cancelled
-                        continue
-                    if isinstance(result, BaseException):
-                        done.set_exception(result)
-                    else:
-                        done.set_result(result)
-        finally:
-            self._flusher = None
-            for *_, done in [*batch, *self._batch]:  # closing: nobody waits forever
-                if not done.done():
-                    done.set_exception(ConnectionError("the broker is closing"))
+        async def call(keys: Sequence[str], args: Sequence[Any]) -> Any:
+            with _unavailable("checking a rate limit"):
+                return await self._batched(script, keys, list(args))
 
-    async def _run_batch(self, batch: list[tuple[Any, int, list[Any]]]) -> list[Any]:
-        """Send the calls as one pipeline, in order: `EVALSHA` for a script, the command itself
-        otherwise. When Redis lost a script (a restart) it refuses those calls, which therefore
-        did not run: load the scripts and run them again."""
-        results: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for attempt in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    script, numkeys, argv = batch[i]
-                    if script is None:
-                        pipe.execute_command(*argv)
-                    else:
-                        pipe.evalsha(script.sha, numkeys, *argv)
-                answers = await pipe.execute(raise_on_error=False)
-            for i, answer in zip(todo, answers, strict=True):
-                results[i] = answer
-            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
-            if not todo or attempt:
-                return results
-            for script in {batch[i][0] for i in todo}:
-                await self._redis.script_load(script.script)
-        return results
+        return call
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
         keys = [*_session_keys(session), LEASES, LEASE_DUE]
-        args = [*self._event_args(session, event, None), _lease_text(lease), session]
+        args = [*self._event_args(session, event, None), _lease_text(lease)]
         with _unavailable("finishing a reply"):
-            return bool(await self._batched(self._finish, keys, args))
+            seq = int(await self._batched(self._finish, keys, args))
+        if seq:
+            self._logged(session, event, seq, args)
+        return bool(seq)
 
     async def replay(self, session: str, after: int) -> list[Event]:
-        _, stream, _ = _session_keys(session)
+        _, stream, *_ = _session_keys(session)
         with _unavailable("replaying a session"):
             entries = await self._redis.xrange(stream, min=f"({after}-0", max="+")
         return [Event.from_frame(fields["f"]) for _, fields in entries]
@@ -505,29 +501,48 @@ class RedisBroker:
         self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
     ) -> AsyncIterator[Subscription]:
         sub = Subscription(session, max_bytes)
-        channel = _session_channel(session)
         if self._hub.add(sub):
-            self._subscribed[channel] = asyncio.get_running_loop().create_future()
-            if self._listening and self._pubsub is not None:
-                with suppress(RedisError, OSError):  # the listener re-subscribes on recovery
-                    await self._pubsub.subscribe(channel)
+            self._joined[session] = asyncio.ensure_future(self._join_when_listening(session))
+        joined = self._joined[session]
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-                    await asyncio.shield(self._subscribed[channel])
+                    await asyncio.shield(joined)
             except TimeoutError:
                 raise BrokerUnavailable("redis did not confirm a subscription") from None
             yield sub
         finally:
             if self._hub.remove(sub):
-                self._subscribed.pop(channel, None)
-                if self._listening and self._pubsub is not None:
-                    with suppress(RedisError, OSError):
-                        await self._pubsub.unsubscribe(channel)
+                self._joined.pop(session, None)
+                joined.cancel()
+                with suppress(BrokerUnavailable):  # else the set's TTL forgets this instance
+                    await self._leave(session)
+
+    async def _join_when_listening(self, session: str) -> None:
+        # Live once both hold: this instance hears its events channel, and the session's writers
+        # publish to it. Redis runs each script whole, so an event is either in the log by the
+        # time the join is confirmed (the feed's replay, which follows, reads it) or published.
+        assert self._listening_now is not None, "start() the broker first"
+        await asyncio.shield(self._listening_now)
+        await self._join(session)
+
+    async def _join(self, session: str) -> None:
+        *_, subs = _session_keys(session)
+        with _unavailable("subscribing to a session"):
+            args = [self._instance, self._settings.session_ttl_s]
+            await self._batched(self._join_script, (subs,), args)
+
+    async def _leave(self, session: str) -> None:
+        *_, subs = _session_keys(session)
+        with _unavailable("unsubscribing from a session"):
+            await self._command("SREM", subs, self._instance)
 
     async def announce(self, session: str, frame: dict[str, Any]) -> None:
+        *_, subs = _session_keys(session)
+        text = encode(frame)
         with _unavailable("announcing to a session"):
-            await self._command("PUBLISH", _session_channel(session), encode(frame))
+            await self._batched(self._announce, (subs,), [text, self._instance, session])
+        self._hub.dispatch(session, text)
 
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         with _unavailable("sending a control message"):
@@ -536,13 +551,13 @@ class RedisBroker:
     # Model context.
 
     async def history(self, session: str) -> list[dict[str, str]]:
-        _, _, hist = _session_keys(session)
+        _, _, hist, _ = _session_keys(session)
         with _unavailable("reading history"):
             turns = await self._command("LRANGE", hist, 0, -1)
         return [json.loads(turn) for turn in turns]
 
     async def add_turn(self, session: str, role: str, content: str) -> None:
-        _, _, hist = _session_keys(session)
+        _, _, hist, _ = _session_keys(session)
         turn = json.dumps({"role": role, "content": content})
         args = [turn, -2 * self._settings.history_turns, self._settings.session_ttl_s]
         with _unavailable("adding to history"):

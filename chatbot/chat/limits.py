@@ -2,7 +2,8 @@
 concurrent sockets per IP. Shared by every instance when REDIS_URL is set.
 
 Rates and the budget use the `limits` library's sliding-window counters (its Redis storage runs
-on our own connection pool, so it costs no extra connections); the socket count is a broker
+on our own connection pool and its scripts in the broker's batches, so it costs no extra
+connections or round trips); the socket count is a broker
 counter. Over a limit nothing reaches the model: the client gets `rate_limited` with the seconds
 to wait.
 """
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:limits"
 SOCKET_COUNT_TTL_S = 3600  # a crashed instance's sockets stop counting after this long
+BATCHED_SCRIPTS = ("lua_sliding_window", "lua_acquire_sliding_window")  # of `limits`' bridge
 
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted_hops: int) -> str:
@@ -145,9 +147,16 @@ def _storage(broker: Broker) -> Storage:
     from ..broker.redis import RedisBroker
 
     assert isinstance(broker, RedisBroker)
-    return RedisStorage(
+    storage = RedisStorage(
         "async+redis://",
         implementation="redispy",
         connection_pool=broker.pool,
         key_prefix=KEY_PREFIX,
     )
+    # The sliding-window scripts (every message runs three, every reply two more) ride the
+    # broker's pipelined batches instead of a pool checkout and a round trip each: a fifth of
+    # Redis mode's extra CPU per reply (docs/benchmarks.md). The bridge calls each as
+    # `await script(keys, args)`.
+    for name in BATCHED_SCRIPTS:
+        setattr(storage.bridge, name, broker.batched(getattr(storage.bridge, name)))
+    return storage
