@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+from hiredis import pack_command
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
-
-from .hiredis_packing import packed
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ READ_SIZE = 65536
 # A batch waits this long for company before it goes. Calls arrive a few per millisecond under
 # load, so without it most batches would hold one or two calls, each batch paying a write, a
 # read and a loop iteration or two; it adds at most this much to each call's latency.
-BATCH_WINDOW_S = 0.001
+BATCH_WINDOW_S = 0.002
 _NOSCRIPT = "NOSCRIPT "
 
 Call = tuple[Any, int, list[Any]]  # (script or None, number of keys, keys + args or the command)
@@ -112,8 +111,10 @@ class Batcher:
                 results[i] = result
         return results
 
-    async def _round_trip(self, argvs: list[Sequence[Any]]) -> list[Any]:
-        data = b"".join([packed(tuple(argv)) for argv in argvs])
+    async def _round_trip(self, argvs: list[tuple[Any, ...]]) -> list[Any]:
+        # Packed as they are: the batches make every argv themselves, with no "SCRIPT LOAD"-style
+        # command names to split (hiredis_packing.packed does that for the pool's commands).
+        data = b"".join([pack_command(argv) for argv in argvs])
         # After a Redis restart the held connection is dead, found out only by using it: one
         # immediate retry on a new connection rides that out. (Whether a command ran before its
         # connection died is ambiguous with or without it; appends carry idempotency keys.)
@@ -168,6 +169,6 @@ class Batcher:
                 await self._pool.release(conn)
 
 
-def _argv(call: Call) -> Sequence[Any]:
+def _argv(call: Call) -> tuple[Any, ...]:
     script, numkeys, argv = call
-    return argv if script is None else ("EVALSHA", script.sha, numkeys, *argv)
+    return tuple(argv) if script is None else ("EVALSHA", script.sha, numkeys, *argv)
