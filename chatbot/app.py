@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from quart import Quart, Response, current_app, request
-from quart import websocket as current_websocket
 
 from . import logs, metrics
 from .broker import open_broker
@@ -33,18 +33,14 @@ def create_app(settings: Settings | None = None) -> Quart:
     # Conditional requests (ETag) instead of Quart's 12 h cache, so a deploy reaches browsers now.
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None
 
-    from .routes import http_api, websocket
+    from .routes import http_api
 
     app.register_blueprint(http_api.blueprint)
-    app.register_blueprint(websocket.blueprint)
+    app.asgi_app = _with_socket_route(app, app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_request
     async def correlate_request() -> None:
         logs.bind_request(request.headers.get(logs.REQUEST_ID_HEADER))
-
-    @app.before_websocket
-    async def correlate_socket() -> None:
-        logs.bind_request(current_websocket.headers.get(logs.REQUEST_ID_HEADER))
 
     @app.after_request
     async def tell_request_id(response: Response) -> Response:
@@ -80,6 +76,21 @@ def create_app(settings: Settings | None = None) -> Quart:
         await service.broker.close()
 
     return app
+
+
+def _with_socket_route(app: Quart, asgi_app: Any) -> Any:
+    """`app.asgi_app` with `/ws` served by `routes.websocket` at the ASGI level (why: there),
+    everything else (HTTP, lifespan) by Quart."""
+    from .routes.websocket import PATH, chat_socket
+
+    async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == PATH:
+            extensions = app.extensions
+            await chat_socket(scope, receive, send, extensions["chat"], extensions["closing"])
+        else:
+            await asgi_app(scope, receive, send)
+
+    return route
 
 
 async def drain(app: Quart) -> None:

@@ -265,6 +265,7 @@ async def test_wrong_origin_is_refused_before_accept(app) -> None:
         ):
             pass
     assert refused.value.response.status_code == 403
+    assert await refused.value.response.get_data(as_text=True) == "403 origin not allowed\n"
 
 
 async def test_same_origin_and_listed_origins_are_allowed(app_with, settings) -> None:

@@ -1,17 +1,27 @@
-"""`/ws`: one chat socket. A reader and a sender task per socket, the first to end ends both."""
+"""`/ws`: one chat socket. A reader and a sender task per socket, the first to end ends both.
+
+Served at the ASGI level, in front of Quart (`create_app` routes `/ws` here), not by a Quart
+`@websocket` route. Quart's websocket layer adds, per socket, two tasks, an unbounded queue of
+received frames (which defeats Hypercorn's bounded one, so a flooding client grows memory) and a
+request context with its own copy of the headers: 13.6 KiB of an idle socket's memory under
+Hypercorn (docs/benchmarks.md), and two signal dispatches per frame. Here a frame goes from
+Hypercorn's queue to the handler, and from the sender to Hypercorn, with nothing in between.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
-from quart import Blueprint, abort, websocket
+from werkzeug.datastructures import Headers
 
 from .. import logs, metrics, protocol
-from ..app import chat_service, closing, settings
+from ..app import Closing
 from ..chat.feed import Feed
 from ..chat.limits import client_ip
 from ..chat.service import ChatService
@@ -22,96 +32,173 @@ from .access import token_ok
 
 log = logging.getLogger(__name__)
 
-blueprint = Blueprint("websocket", __name__)
-
+PATH = "/ws"
 # Bound on closing a socket and on stopping its jobs: a stalled peer or a stuck job lets go.
 CLOSE_TIMEOUT_S = 2.0
 
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-@blueprint.websocket("/ws")
-async def chat_socket() -> None:
-    config = settings()
-    origin = websocket.headers.get("Origin")
-    if not origin_allowed(origin, websocket.headers.get("Host"), config.allowed_origins):
+
+class ClientGone(Exception):
+    """The client closed the connection (ASGI `websocket.disconnect`)."""
+
+
+class Client:
+    """The ASGI side of one socket: what the handler sends and receives, nothing kept besides."""
+
+    __slots__ = ("_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def accept(self) -> None:
+        await self._send({"type": "websocket.accept"})
+
+    async def send(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def receive(self) -> str | bytes:
+        """The next frame's text (or bytes); `ClientGone` once the client has left."""
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else (message.get("bytes") or b"")
+            if kind == "websocket.disconnect":
+                raise ClientGone
+            # `websocket.connect` comes first from a server (not from Quart's test client):
+            # the handshake is answered by accept() or refuse().
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Close with `code`; a client that stopped reading may not take the close frame
+        either, so after CLOSE_TIMEOUT_S let go (the connection ends when the handler returns)."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def refuse(self, scope: Scope, status: int, reason: str) -> None:
+        """Refuse the handshake with an HTTP status (the ASGI `websocket.http.response`
+        extension, which Hypercorn offers; a server without it answers 403)."""
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await self._send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+            return
+        body = f"{status} {reason}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        await self._send(
+            {"type": "websocket.http.response.start", "status": status, "headers": headers}
+        )
+        await self._send({"type": "websocket.http.response.body", "body": body})
+
+
+async def chat_socket(
+    scope: Scope, receive: Receive, send: Send, service: ChatService, closing: Closing
+) -> None:
+    """Serve one `/ws` connection: check the handshake, open the session, chat until the client
+    leaves, goes silent, falls too far behind, or the server restarts."""
+    config = service.settings
+    headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+    logs.bind_request(headers.get(logs.REQUEST_ID_HEADER))
+    args: dict[str, str] = {}
+    for name, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+        args.setdefault(name, value)  # the first of repeated names, as Quart's `args.get`
+    client = Client(receive, send)
+    origin = headers.get("Origin")
+    if not origin_allowed(origin, headers.get("Host"), config.allowed_origins):
         log.warning("refused websocket from origin %r", origin)
-        abort(403)
-    if not token_ok(config.access_token, websocket.headers, websocket.args):
+        return await client.refuse(scope, 403, "origin not allowed")
+    if not token_ok(config.access_token, headers, args):
         log.warning("refused websocket without a valid access token")
-        abort(401)
-    after_arg = websocket.args.get("after")
+        return await client.refuse(scope, 401, "a valid access token is required")
+    after_arg = args.get("after")
     if after_arg is not None and not (
         after_arg.isascii() and after_arg.isdigit() and len(after_arg) < 19
     ):
         log.info("refused websocket with after=%r", after_arg[:20])
-        abort(400)
-    service = chat_service()
-    if closing().is_set():
-        abort(503)  # restarting: the client reconnects, through the balancer, elsewhere
-    ip = client_ip(websocket.remote_addr, websocket.headers, config.trusted_proxy_hops)
+        return await client.refuse(scope, 400, "after must be a seq (a whole number)")
+    if closing.is_set():  # restarting: the client reconnects, through the balancer, elsewhere
+        return await client.refuse(scope, 503, "restarting")
+    peer = scope.get("client")
+    ip = client_ip(peer[0] if peer else None, headers, config.trusted_proxy_hops)
+    del headers  # nothing of the handshake is kept for the socket's lifetime but what it needs
     try:
         async with service.limits.socket(ip):
-            session, last = await service.open_session(websocket.args.get("session"))
+            session, last = await service.open_session(args.get("session"))
             # Without `after` the socket starts live; `after` past the log's end means the end.
             after = last if after_arg is None else min(int(after_arg), last)
             logs.bind_session(session)
             metrics.socket_connected(resumed=after_arg is not None)
-            await _serve(service, session, last, after, ip)
+            await _serve(client, service, closing, session, last, after, ip)
     except RateLimited as exc:
         log.warning("refused websocket: %s", exc.message)
-        abort(429)
+        await client.refuse(scope, 429, exc.message)
     except BrokerUnavailable:
-        abort(503)
+        await client.refuse(scope, 503, "the service cannot open sessions right now")
+    except Exception:  # before accept (after it, _serve closes with 1011 itself)
+        log.exception("websocket handshake failed")
+        await client.refuse(scope, 500, "internal error")
 
 
-async def _serve(service: ChatService, session: str, last: int, after: int, ip: str) -> None:
-    await websocket.accept()
+async def _serve(
+    client: Client,
+    service: ChatService,
+    closing: Closing,
+    session: str,
+    last: int,
+    after: int,
+    ip: str,
+) -> None:
+    await client.accept()
     metrics.SOCKETS_OPEN.inc()
     try:
-        await websocket.send(
+        await client.send(
             protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
         )
         async with service.feed(session, after) as feed:
-            with closing().watch() as restart:
-                ended = await _first_to_end(
-                    asyncio.ensure_future(_send_all(feed)),
-                    asyncio.ensure_future(_receive_all(feed, service, session, ip)),
+            with closing.watch() as restart:
+                ended, gone = await _first_to_end(
+                    asyncio.ensure_future(_send_all(client, feed)),
+                    asyncio.ensure_future(_receive_all(client, feed, service, session, ip)),
                     restart,
                     feed.overflowed,
                 )
-        if ended == 1:
+        if ended == 0:  # the feed ended: the session expired, and the client was told
+            await client.close(CloseCode.NORMAL, "session expired")
+        elif ended == 1 and not gone:
             log.info("session %s…: closing a socket silent for too long", session[:6])
-            await _close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
+            await client.close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
         elif ended == 2:
-            await _close(CloseCode.SERVICE_RESTART, "service restart")
+            await client.close(CloseCode.SERVICE_RESTART, "service restart")
         elif ended == 3:
             metrics.SLOW_READER_CLOSES.inc()
             log.warning("session %s…: closing a socket that stopped reading", session[:6])
-            await _close(CloseCode.TRY_AGAIN_LATER, "too slow: reconnect and resume with after")
+            await client.close(
+                CloseCode.TRY_AGAIN_LATER, "too slow: reconnect and resume with after"
+            )
     except asyncio.CancelledError:
-        raise  # the client went away; Quart cancels the handler
+        raise  # the server is stopping
     except Exception:
         log.exception("websocket for session %s… failed", session[:6])
-        await _close(CloseCode.INTERNAL_ERROR, "internal error")
+        await client.close(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
         metrics.SOCKETS_OPEN.dec()
 
 
-async def _close(code: CloseCode, reason: str) -> None:
-    """Close with `code`; a client that stopped reading may not take the close frame either,
-    so after CLOSE_TIMEOUT_S let go (the connection ends when the handler returns)."""
-    with suppress(TimeoutError):
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await websocket.close(code, reason)
-
-
 async def _first_to_end(
     sender: asyncio.Task[None],
-    receiver: asyncio.Task[None],
+    receiver: asyncio.Task[bool],
     restart: asyncio.Future[None],
     overflow: asyncio.Future[None],
-) -> int:
+) -> tuple[int, bool]:
     """Run the socket's two jobs until one of them, or a restart or an overflow, ends; then
-    cancel the jobs. The index of what ended first; the exception of a job that raised one.
+    cancel the jobs. The index of what ended first, and whether the client had left; the
+    exception of a job that raised one.
 
     Two tasks per socket, and two futures for the signals (no task each): an idle socket's
     memory is mostly its tasks and queues (docs/benchmarks.md)."""
@@ -129,43 +216,46 @@ async def _first_to_end(
     first = next(f for f in awaited if f in done)
     if first in jobs:
         first.result()
-    return awaited.index(first)
+    gone = receiver.done() and not receiver.cancelled() and receiver.result()
+    return awaited.index(first), gone
 
 
-async def _send_all(feed: Feed) -> None:
-    send = websocket._get_current_object().send  # not a context-local lookup per frame
+async def _send_all(client: Client, feed: Feed) -> None:
+    send = client.send
     async for frame in feed:
         await send(frame)
 
 
-async def _receive_all(feed: Feed, service: ChatService, session: str, ip: str) -> None:
-    """Handle client frames until the client has been silent for WS_IDLE_TIMEOUT_S (then return:
-    a peer that neither speaks nor pings is taken for dead; Hypercorn's pings get no say, as it
-    never checks their pongs)."""
-    max_chars = settings().max_message_chars
-    idle_s = settings().ws_idle_timeout_s or math.inf
+async def _receive_all(
+    client: Client, feed: Feed, service: ChatService, session: str, ip: str
+) -> bool:
+    """Handle client frames until the client leaves (True) or has been silent for
+    WS_IDLE_TIMEOUT_S (False: a peer that neither speaks nor pings is taken for dead;
+    Hypercorn's pings get no say, as it never checks their pongs)."""
+    max_chars = service.settings.max_message_chars
+    idle_s = service.settings.ws_idle_timeout_s or math.inf
     loop = asyncio.get_running_loop()
     watchdog = Watchdog(loop.time() + idle_s)
     try:
         while True:
-            raw = await websocket.receive()
+            raw = await client.receive()
             watchdog.pause()  # only the client's silence counts, not our work on its frame
             await _handle(raw, feed, service, session, ip, max_chars)
             watchdog.move_to(loop.time() + idle_s)
+    except ClientGone:
+        return True
     except asyncio.CancelledError:
         if watchdog.expired():
-            return
+            return False
         raise
     finally:
         watchdog.cancel()
 
 
 async def _handle(
-    raw: str | bytes | None, feed: Feed, service: ChatService, session: str, ip: str, max_chars: int
+    raw: str | bytes, feed: Feed, service: ChatService, session: str, ip: str, max_chars: int
 ) -> None:
     """One client frame: answered, acted on, or refused with an error frame."""
-    if raw is None:  # an empty binary frame: Quart reads `bytes or text` (quart/asgi.py)
-        raw = b""
     frame: protocol.ClientFrame | None = None
     try:
         frame = protocol.parse_client_frame(raw, max_chars=max_chars)
