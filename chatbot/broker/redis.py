@@ -295,6 +295,8 @@ class RedisBroker:
         # Nearly every call goes in the batches, on one connection of the pool; the pub/sub
         # listener holds another, and replays and the health check use the rest.
         self._batches = Batcher(self.pool, settings.redis_timeout_s)
+        self._batched = self._batches.script  # (script, keys, args) -> future of the reply
+        self._command = self._batches.command  # (*argv) -> future of the reply
         self._hub = Hub()
         self._instance = ""
         self._on_control: ControlHandler = lambda message: None
@@ -485,12 +487,6 @@ class RedisBroker:
         logged = Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
         self._hub.dispatch(session, logged)
         return logged
-
-    def _batched(self, script: Any, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
-        return self._batches.script(script, keys, args)
-
-    def _command(self, *argv: Any) -> asyncio.Future[Any]:
-        return self._batches.command(*argv)
 
     def batched(self, script: Any) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
         """`script` (a redis-py `Script`) as a callable `(keys, args)` that runs in the batches,

@@ -216,7 +216,12 @@ async def _first_to_end(
     first = next(f for f in awaited if f in done)
     if first in jobs:
         first.result()
-    gone = receiver.done() and not receiver.cancelled() and receiver.result()
+    gone = (
+        receiver.done()
+        and not receiver.cancelled()
+        and receiver.exception() is None
+        and receiver.result()
+    )
     return awaited.index(first), gone
 
 
