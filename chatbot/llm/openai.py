@@ -2,11 +2,13 @@
 
 The official SDK's `AsyncOpenAI` client defines the request: the base URL, the API key and the
 headers it sends (organisation, project, user agent), all read from settings or its usual
-environment variables. Requests go out through the SDK's aiohttp HTTP client, one per process,
-pooling connections for every reply. The per-request machinery of `chat.completions.create()`
-(options models, body transform, retries) is bypassed: it cost 0.27 ms of CPU per request, as
-much as reading 20 tokens (bench/upstream_cpu.py). The reply's server-sent events are parsed
-here from the raw bytes.
+environment variables. Requests go out through one aiohttp session per process, pooling
+connections for every reply: aiohttp is the transport the SDK's own `DefaultAioHttpClient` wraps,
+used here without the httpx2 layers around it (request and response models, header merging, a
+log record per request: 0.3 ms of CPU per reply at steady N=1,000). The per-request machinery of
+`chat.completions.create()` (options models, body transform, retries) is bypassed too: it cost
+0.27 ms of CPU per request, as much as reading 20 tokens (bench/upstream_cpu.py). The reply's
+server-sent events are parsed here from the raw bytes.
 
 Every wait on the model service has its own deadline: connecting (`UPSTREAM_CONNECT_TIMEOUT_S`),
 the first content piece (`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering
@@ -26,10 +28,13 @@ import logging
 import math
 import random
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2
 import openai
 
@@ -73,7 +78,7 @@ class OpenAIReply:
 
     def __init__(
         self,
-        response: httpx2.Response,
+        response: aiohttp.ClientResponse,
         *,
         watchdog: Watchdog,
         first_token_timeout_s: float,
@@ -94,7 +99,7 @@ class OpenAIReply:
         pending = b""  # an unfinished line
         ended = False
         try:
-            async for data in _body(self._response):
+            async for data in self._response.content.iter_any():
                 lines = (pending + data).splitlines(keepends=True)
                 pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
                 for line in lines:
@@ -131,7 +136,7 @@ class OpenAIReply:
                     else first_token_timeout(self._first_token_timeout_s)
                 ) from None
             raise
-        except httpx2.TransportError as exc:  # the connection broke or timed out mid-stream
+        except aiohttp.ClientError as exc:  # the connection broke mid-stream
             raise UpstreamError(
                 "upstream_unreachable", "The connection to the model service broke mid-reply."
             ) from exc
@@ -143,14 +148,6 @@ class OpenAIReply:
             raise UpstreamError(
                 "upstream_incomplete", "The model service ended the reply before finishing it."
             )
-
-
-def _body(response: httpx2.Response) -> AsyncIterator[bytes]:
-    """The response body as it arrives. We ask for it uncompressed; then the transport's own
-    stream serves, without httpx2's two decoding layers per chunk."""
-    if response.headers.get("content-encoding", "identity") != "identity":
-        return response.aiter_bytes()
-    return aiter(response.stream)  # type: ignore[arg-type]
 
 
 def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
@@ -179,28 +176,37 @@ class OpenAIModel:
         self.breaker = CircuitBreaker(
             settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s
         )
-        # Our deadlines bound every wait (the watchdog of each reply), so the transport gets
-        # only the connect timeout: a read timeout made aiohttp re-arm a timer for every chunk.
-        # aiohttp under httpx2: its C-accelerated HTTP reads cost half of httpx2's default
-        # transport per reply (bench/upstream_cpu.py). Every admitted reply holds one connection
-        # for its stream; POST /chat (not admitted) gets some headroom.
-        connections = settings.max_generations + ONE_SHOT_CONNECTIONS
-        self._http = openai.DefaultAioHttpClient(
-            timeout=httpx2.Timeout(None, connect=settings.upstream_connect_timeout_s),
-            limits=httpx2.Limits(
-                max_connections=connections, max_keepalive_connections=connections
-            ),
-        )
-        sdk = openai.AsyncOpenAI(
+        # Every admitted reply holds one connection for its stream; POST /chat (not admitted)
+        # gets some headroom.
+        self._connections = settings.max_generations + ONE_SHOT_CONNECTIONS
+        self._connect_timeout_s = settings.upstream_connect_timeout_s
+        self._sdk = openai.AsyncOpenAI(
             api_key=settings.openai_api_key or NO_KEY,
             base_url=settings.openai_base_url,
             max_retries=0,
-            http_client=self._http,
         )
-        self._url = sdk.base_url.join("chat/completions")
-        headers = {**sdk.auth_headers, **sdk.default_headers, **STREAM_HEADERS}
+        self._url = str(self._sdk.base_url.join("chat/completions"))
+        headers = {**self._sdk.auth_headers, **self._sdk.default_headers, **STREAM_HEADERS}
         # The SDK marks headers it leaves out (no organisation, no project) with `Omit`.
         self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+        self._session: aiohttp.ClientSession | None = None  # made in the event loop, on first use
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                # The SDK's trust store (SSL_CERT_FILE too) and proxy (HTTPS_PROXY, NO_PROXY).
+                # aiohttp's own `trust_env` would read the proxy variables again for every
+                # request: 0.6 ms of CPU each (bench/upstream_cpu.py).
+                connector=aiohttp.TCPConnector(
+                    limit=self._connections, ssl=httpx2.create_ssl_context()
+                ),
+                # Our deadlines bound every wait (the watchdog of each reply), so the session
+                # gets only the connect timeout: a read timeout re-arms a timer for every chunk.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
+                headers=self._headers,
+                proxy=env_proxy(self._url),
+            )
+        return self._session
 
     def upstream_status(self) -> BreakerStatus:
         return self.breaker.status()
@@ -228,9 +234,10 @@ class OpenAIModel:
                         on_first_token=attempt.succeeded,
                     )
                 finally:
-                    # Closing the response ends the upstream HTTP request now (stop, disconnect,
-                    # timeout, error), instead of letting it generate tokens nobody reads.
-                    await response.aclose()
+                    # A response read to its end gives its connection back to the pool; any
+                    # other (stop, disconnect, timeout, error) closes it, which ends the upstream
+                    # request now instead of letting it generate tokens nobody reads.
+                    response.release()
             except UpstreamError as exc:
                 if exc.code in DOWN:
                     attempt.failed()
@@ -240,7 +247,7 @@ class OpenAIModel:
             finally:
                 watchdog.cancel()
 
-    async def _open(self, messages: list[Message], first_token_at: float) -> httpx2.Response:
+    async def _open(self, messages: list[Message], first_token_at: float) -> aiohttp.ClientResponse:
         """Send the request, retrying what is safe to retry while the first-token deadline
         allows. The caller's watchdog holds that deadline over this."""
         loop = asyncio.get_running_loop()
@@ -251,18 +258,15 @@ class OpenAIModel:
             status: int | None
             headers: Mapping[str, str]
             try:
-                request = self._http.build_request(
-                    "POST", self._url, content=body, headers=self._headers
-                )
-                response = await self._http.send(request, stream=True)
-            except httpx2.TransportError as exc:
+                response = await self._client().post(self._url, data=body)
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 status, headers, error = None, {}, connection_error(exc)
                 cause: BaseException = exc
             else:
-                if response.is_success:
-                    return response  # the caller closes it
-                status, headers = response.status_code, response.headers
-                await response.aclose()  # the body of an error is never shown to anyone
+                if 200 <= response.status < 300:
+                    return response  # the caller releases it
+                status, headers = response.status, response.headers
+                response.release()  # the body of an error is never shown to anyone
                 error = cause = status_error(status, headers)
             wait_s = retry_wait_s(status, headers, retries) if retries < self._max_retries else None
             if wait_s is None or loop.time() + wait_s >= first_token_at:
@@ -278,7 +282,9 @@ class OpenAIModel:
             await asyncio.sleep(wait_s)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+        await self._sdk.close()
 
 
 def retry_wait_s(
@@ -334,10 +340,18 @@ def idle_timeout(timeout_s: float) -> UpstreamError:
     )
 
 
-def connection_error(exc: httpx2.TransportError) -> UpstreamError:
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`)."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+def connection_error(exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
     """A request that got no answer, in words a user can read (never the exception's text,
     which may quote request details)."""
-    if isinstance(exc, httpx2.TimeoutException) and not _refused(exc):
+    if isinstance(exc, TimeoutError):  # aiohttp's connect timeouts are TimeoutErrors too
         return UpstreamError("upstream_timeout", "The model service took too long to answer.")
     return UpstreamError("upstream_unreachable", "The model service cannot be reached.")
 
@@ -370,15 +384,3 @@ def status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
         f"The model service rejected the request (HTTP {status}).",
         retryable=False,
     )
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether a connection failure was an error (refused, reset, no route) rather than a
-    timeout. The SDK's aiohttp transport reports every aiohttp `ClientConnectionError` as a
-    connect timeout; the OSError behind it tells the truth."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False

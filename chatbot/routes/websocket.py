@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
-
-from werkzeug.datastructures import Headers
 
 from .. import logs, metrics, protocol
 from ..app import Closing
@@ -39,6 +37,19 @@ CLOSE_TIMEOUT_S = 2.0
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HandshakeHeaders(dict[str, str]):
+    """The handshake's headers by lower-case name, the first of a repeated one winning, read in
+    any case as werkzeug's `Headers` are. Building werkzeug's (it checks every value) cost
+    0.15 ms of CPU per handshake."""
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+        super().__init__(reversed(pairs))
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(name.lower(), default)
 
 
 class ClientGone(Exception):
@@ -103,7 +114,7 @@ async def chat_socket(
     """Serve one `/ws` connection: check the handshake, open the session, chat until the client
     leaves, goes silent, falls too far behind, or the server restarts."""
     config = service.settings
-    headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+    headers = HandshakeHeaders(scope["headers"])
     logs.bind_request(headers.get(logs.REQUEST_ID_HEADER))
     args: dict[str, str] = {}
     for name, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
