@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import sys
@@ -82,9 +83,10 @@ class Results:
     sockets: int = 0  # WebSocket handshakes completed
     deflated: int = 0  # of which negotiated permessage-deflate
 
-    def handshake(self, ws: Any) -> None:
+    def handshake(self, extensions: str | None) -> None:
+        """A handshake completed; `extensions` is the response's Sec-WebSocket-Extensions."""
         self.sockets += 1
-        if "permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or ""):
+        if "permessage-deflate" in (extensions or ""):
             self.deflated += 1
 
     def fail(self, kind: str, detail: str) -> None:
@@ -115,78 +117,190 @@ def source_address(cfg: Config, index: int) -> str:
 
 
 async def ws_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+    from websockets.exceptions import InvalidHandshake, InvalidStatus
 
     await asyncio.sleep(max(0.0, t_start + cfg.spread_s * index / cfg.n - time.perf_counter()))
     t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    session: Conversation | None = None
     try:
         async with asyncio.timeout(cfg.deadline_s - (t0 - t_start)):
-            async with connect(
-                cfg.url,
-                compression=cfg.compression,
-                open_timeout=None,  # the session's own deadline bounds it
-                ping_interval=None,  # the server pings; the client answers on its own
-                close_timeout=2,
-                max_queue=None,
-                proxy=None,
+            url = urlsplit(cfg.url)
+            _, session = await loop.create_connection(
+                lambda: Conversation(cfg, index, t0, res),
+                url.hostname,
+                url.port,
                 local_addr=(source_address(cfg, index), 0),
-            ) as ws:
-                res.connect.append(time.perf_counter() - t0)
-                res.handshake(ws)
-                await _converse(cfg, index, ws, t0, res)
+            )
+            await session.finished
     except SessionError as exc:
         res.fail(exc.kind, str(exc))
     except TimeoutError:
         res.fail("timeout", f"session {index} still running at the deadline")
     except InvalidStatus as exc:
         res.fail(f"http_{exc.response.status_code}", f"session {index}: handshake refused")
-    except ConnectionClosed as exc:
-        res.fail("closed", f"session {index}: {exc}")
     except (OSError, InvalidHandshake) as exc:
         res.fail("connect", f"session {index}: {exc!r}")
+    finally:
+        if session is not None:
+            await session.close()
 
 
-async def _converse(cfg: Config, index: int, ws: Any, t0: float, res: Results) -> None:
-    ready = json.loads(await ws.recv())
-    if ready.get("type") != "ready":
-        raise SessionError("protocol", f"expected ready, got {ready}")
-    seq = ready["seq"]
-    for k in range(cfg.messages):
-        prompt, msg_id = prompt_for(cfg.offset + index, k), f"m{k}"
-        expected = reply_text(prompt, cfg.chunks)
-        parts: list[str] = []
-        t_first = 0.0
-        t_send = time.perf_counter()
-        await ws.send(json.dumps({"type": "message", "id": msg_id, "text": prompt}))
-        while True:
-            frame = json.loads(await ws.recv())
-            kind = frame.get("type")
-            if kind == "error":
-                raise SessionError(f"error_{frame.get('code')}", frame.get("message", ""))
-            if kind == "queued":  # admission control: served later (transient, no seq)
-                continue
-            if frame.get("seq") != seq + 1:
-                raise SessionError("seq", f"expected seq {seq + 1}, got {frame}")
-            seq += 1
-            if kind == "delta":
-                if not parts:
-                    t_first = time.perf_counter()
-                parts.append(frame["text"])
-            elif kind == "done":
-                if frame.get("reason") != "stop":
-                    raise SessionError("done_reason", str(frame))
-                break
-            elif kind != "user":
-                raise SessionError("protocol", f"unexpected frame {frame}")
-        t_end = time.perf_counter()
-        if "".join(parts) != expected:
-            raise SessionError("text", f"reply {''.join(parts)[:80]!r} != {expected[:80]!r}")
-        res.ttfd.append(t_first - t_send)
-        res.total.append(t_end - t_send)
-        if k == 0:
-            res.first_text.append(t_first - t0)
+class Conversation(asyncio.Protocol):
+    """One ``ws`` session: the `websockets` client's sans-I/O protocol, driven from this asyncio
+    protocol's callbacks, checking each frame as it arrives. The load generator shares a core with
+    the fake upstream, and `websockets`' asyncio connection (a task wake-up, a queue and an
+    assembler per frame) cost about half of its CPU at steady N=1,000 (py-spy), enough to
+    saturate that core and delay the very timings it records.
+
+    It sends ``--messages`` messages one after the other, the next when the previous reply's
+    ``done`` arrives; `finished` resolves when the last reply checked out (or with the
+    `SessionError` of the first frame that broke the contract)."""
+
+    def __init__(self, cfg: Config, index: int, t0: float, res: Results) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
+        from websockets.uri import parse_uri
+
+        self.cfg, self.index, self.t0, self.res = cfg, index, t0, res
+        extensions = enable_client_permessage_deflate(None) if cfg.compression else None
+        self.ws = ClientProtocol(parse_uri(cfg.url), extensions=extensions, max_size=None)
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.open = False
+        self.seq = -1  # the last seq seen; -1 until `ready`
+        self.k = -1  # the message in flight; -1 before the first
+        self.parts: list[str] = []
+        self.expected = ""
+        self.t_send = self.t_first = 0.0
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ws.send_request(self.ws.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        try:
+            for event in self.ws.events_received():
+                if not self.open:
+                    self._handshake(event)
+                else:
+                    self._frame(event)
+        except SessionError as exc:
+            self._end(exc)
+        self._flush()
+
+    def eof_received(self) -> None:
+        self.ws.receive_eof()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.ws.handshake_exc is not None:
+            self._end(self.ws.handshake_exc)
+        self._end(SessionError("closed", f"session {self.index}: the connection closed"))
+
+    # the session
+
+    def _handshake(self, response: Any) -> None:
+        if self.ws.handshake_exc is not None:
+            self._end(self.ws.handshake_exc)
+            return
+        self.open = True
+        self.res.connect.append(time.perf_counter() - self.t0)
+        self.res.handshake(response.headers.get("Sec-WebSocket-Extensions"))
+
+    def _frame(self, frame: Any) -> None:
+        from websockets.frames import Opcode
+
+        if frame.opcode is not Opcode.TEXT:
+            return  # pings are answered by the protocol; a close ends the connection
+        if not frame.fin:
+            raise SessionError("protocol", "a fragmented frame (the server sends whole ones)")
+        event = json.loads(frame.data)
+        kind = event.get("type")
+        if self.seq < 0:
+            if kind != "ready":
+                raise SessionError("protocol", f"expected ready, got {event}")
+            self.seq = event["seq"]
+            return self._next()
+        if kind == "error":
+            raise SessionError(f"error_{event.get('code')}", event.get("message", ""))
+        if kind == "queued":  # admission control: served later (transient, no seq)
+            return
+        if event.get("seq") != self.seq + 1:
+            raise SessionError("seq", f"expected seq {self.seq + 1}, got {event}")
+        self.seq += 1
+        if kind == "delta":
+            if not self.parts:
+                self.t_first = time.perf_counter()
+            self.parts.append(event["text"])
+        elif kind == "done":
+            if event.get("reason") != "stop":
+                raise SessionError("done_reason", str(event))
+            self._reply_done()
+        elif kind != "user":
+            raise SessionError("protocol", f"unexpected frame {event}")
+
+    def _reply_done(self) -> None:
+        t_end, res = time.perf_counter(), self.res
+        text = "".join(self.parts)
+        if text != self.expected:
+            raise SessionError("text", f"reply {text[:80]!r} != {self.expected[:80]!r}")
+        res.ttfd.append(self.t_first - self.t_send)
+        res.total.append(t_end - self.t_send)
+        if self.k == 0:
+            res.first_text.append(self.t_first - self.t0)
         res.reply_done()
+        self._next()
+
+    def _next(self) -> None:
+        self.k += 1
+        if self.k == self.cfg.messages:
+            return self._end(None)
+        prompt = prompt_for(self.cfg.offset + self.index, self.k)
+        self.expected = reply_text(prompt, self.cfg.chunks)
+        self.parts = []
+        self.t_send = time.perf_counter()
+        message = {"type": "message", "id": f"m{self.k}", "text": prompt}
+        self.ws.send_text(json.dumps(message).encode())
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self.finished.done():
+            return
+        if exc is None:
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(exc)
+
+    def _flush(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = self.ws.data_to_send()
+        if data:
+            self.transport.write(b"".join(data))
+        if self.ws.close_expected():
+            self.transport.close()
+
+    async def close(self) -> None:
+        """Close the socket with 1000 and wait (up to 2 s) for the server to hang up."""
+        if self.transport is None or self.lost.done():
+            return
+        if self.open:
+            from websockets.protocol import State
+
+            if self.ws.state is State.OPEN:
+                self.ws.send_close(1000)
+                self._flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await asyncio.shield(self.lost)
+        self.transport.abort()
 
 
 # -- raw HTTP/1.1: POST /chat and the bare upstream --------------------------------------------
@@ -369,7 +483,7 @@ async def idle_open(cfg: Config, index: int, gate: asyncio.Semaphore, res: Resul
                     local_addr=(source_address(cfg, index), 0),
                 )
                 res.connect.append(time.perf_counter() - t0)
-                res.handshake(ws)
+                res.handshake(ws.response.headers.get("Sec-WebSocket-Extensions"))
                 ready = json.loads(await ws.recv())
                 if ready.get("type") != "ready":
                     raise SessionError("protocol", f"expected ready, got {ready}")

@@ -595,8 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         "notes": bench.notes,
         "setup": (
             f"All processes on this one machine, over loopback. {pinning}. One load-generator "
-            "process per scenario (asyncio + uvloop; the `websockets` client, with its default "
-            "permessage-deflate offer unless a table says otherwise; raw HTTP/1.1 through h11 "
+            "process per scenario (asyncio + uvloop; the `websockets` client's sans-I/O protocol "
+            "driven from asyncio protocol callbacks, so frames are checked without a task "
+            "wake-up each, with its default permessage-deflate offer unless a table says "
+            "otherwise; raw HTTP/1.1 through h11 "
             "for `POST /chat` and the bare upstream). Sessions connect from "
             f"{args.sessions_per_ip} per source address across 127.0.0.2 and up (all of "
             "127.0.0.0/8 is loopback), like users behind many NATs, so the chatbot's per-IP "
