@@ -82,6 +82,7 @@ class Results:
     opened: int = 0
     sockets: int = 0  # WebSocket handshakes completed
     deflated: int = 0  # of which negotiated permessage-deflate
+    deltas: int = 0  # `delta` frames of the replies that checked out (ws mode)
 
     def handshake(self, extensions: str | None) -> None:
         """A handshake completed; `extensions` is the response's Sec-WebSocket-Extensions."""
@@ -240,6 +241,7 @@ class Conversation(asyncio.Protocol):
             if not self.parts:
                 self.t_first = time.perf_counter()
             self.parts.append(event["text"])
+            self.res.deltas += 1
         elif kind == "done":
             if event.get("reason") != "stop":
                 raise SessionError("done_reason", str(event))
@@ -597,6 +599,7 @@ async def run(cfg: Config, sync: bool) -> dict[str, Any]:
         "opened": res.opened,
         "sockets": res.sockets,
         "deflated": res.deflated,
+        "deltas": res.deltas,
         "errors": dict(res.errors),
         "error_examples": res.examples,
         "wall_s": (res.last_end or time.perf_counter()) - t_start,

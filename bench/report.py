@@ -50,6 +50,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(results[0])
     for key in ("replies_ok", "replies_expected", "opened", "sockets", "deflated", "client_cpu_s"):
         merged[key] = sum(r[key] for r in results)
+    merged["deltas"] = sum(r.get("deltas", 0) for r in results)
     merged["n"] = sum(r["n"] for r in results)
     merged["wall_s"] = max(r["wall_s"] for r in results)
     errors: dict[str, int] = {}
@@ -102,6 +103,8 @@ def summarize(
         if "window_s" in usage
         else None,
         opened=raw.get("opened", 0),
+        # Frames per reply: fewer than the upstream's chunks when pieces were coalesced.
+        deltas_per_reply=raw.get("deltas", 0) / replies if replies else None,
         negotiated=_negotiated(raw),
         **usage,
     )

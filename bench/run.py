@@ -452,6 +452,7 @@ def _line(row: dict[str, Any]) -> str:
         f"ttfd+ p50 {ms(row['ttfd_overhead_p50_s'])} p99 {ms(row['ttfd_overhead_p99_s'])}",
         f"first p99 {ms(row['first_text_p99_s'])} total p99 {ms(row['total_p99_s'])}",
         f"cpu {cpu:.2f}s" if cpu is not None else "",
+        f"{row['deltas_per_reply']:.1f} deltas/reply" if row.get("deltas_per_reply") else "",
         f"rss/sock {row['rss_per_socket_kib']:.1f}KiB" if row.get("rss_per_socket_kib") else "",
         f"client {row['client_cpu_pct']:.0f}%" if row.get("client_cpu_pct") else "",
         f"other {row['other_cpu_pct']:.0f}%" if row.get("other_cpu_pct") is not None else "",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from quart import Quart
 
-from chatbot.fake_openai import FakeOpenAI, reply_text
+from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
 from chatbot.llm.openai import OpenAIModel
 from chatbot.settings import Settings
 
@@ -148,8 +148,7 @@ async def test_idle_timeout_between_tokens(app_with, settings, fake: FakeOpenAI)
         frames = await send(ws, "[[fake:hang_after=2]] stall")
         error = failed_with(frames, "upstream_timeout")
         assert "stopped answering for 0.3 s mid-reply" in error["message"]
-        assert text_of(frames) == reply_text("stall", 5)[: len(text_of(frames))]
-        assert len([f for f in frames if f["type"] == "delta"]) == 2
+        assert text_of(frames) == "".join(reply_chunks("stall", 5)[:2])  # sent before the stall
         record = await fake.wait_request(1, ended=True)
         assert record["status"] == "aborted"
         assert len(fake.requests) == 1  # never retried after the first token
@@ -355,3 +354,31 @@ async def test_requests_go_through_the_proxy_the_environment_names(
         assert len(fake.requests) == 1
     finally:
         await model.close()
+
+
+async def test_pieces_that_arrive_together_are_one(settings) -> None:
+    """Chunks read in one go (a loaded process reads less often) are yielded as one piece: one
+    delta frame, one broker write. Nothing is waited for to make that happen."""
+    events = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+              for w in ("One", " two", " three")]  # fmt: skip
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    body = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the body follows; it is not needed here
+        writer.write(head % len(body) + body)  # the whole reply in one write
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    model = OpenAIModel(settings.replace(openai_base_url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        async with asyncio.timeout(10), model.stream([{"role": "user", "content": "hi"}]) as r:
+            assert [piece async for piece in r] == ["One two three"]
+        assert r.finish_reason == "stop"
+    finally:
+        await model.close()
+        server.close()

@@ -70,6 +70,12 @@ STREAM_HEADERS = {"Accept-Encoding": "identity"}
 class OpenAIReply:
     """A started stream. Iterating yields content pieces, each within its deadline.
 
+    The pieces that arrived together (one read of the socket) are yielded as one: they become one
+    `delta` frame, one log entry, one send per socket. Nothing is held back to wait for more;
+    but when the process falls behind, the service's chunks pile up between reads, so an
+    overloaded process does less work per token exactly when it must. Short of that it rarely
+    happens: at steady N=1,000 a 20-chunk reply went out in 19.8 frames on average.
+
     The server-sent events are parsed here from the raw bytes: building the SDK's pydantic model
     for every chunk costs ~10x the CPU of decoding the JSON (docs/benchmarks.md), and a relay
     needs two fields of it. One watchdog timer per reply enforces the deadlines; arming a fresh
@@ -102,6 +108,7 @@ class OpenAIReply:
             async for data in self._response.content.iter_any():
                 lines = (pending + data).splitlines(keepends=True)
                 pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+                pieces = []
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue  # blank separators, comments, `event:` lines
@@ -117,14 +124,16 @@ class OpenAIReply:
                     if finish_reason:
                         self.finish_reason = finish_reason
                     if content:
-                        if not started:
-                            started = True
-                            self._on_first_token()
-                        # The deadline covers only the wait for the service, never our
-                        # consumer's work (which may ride out a broker outage).
-                        watchdog.pause()
-                        yield content
-                        watchdog.move_to(loop.time() + self._idle_timeout_s)
+                        pieces.append(content)
+                if pieces:
+                    if not started:
+                        started = True
+                        self._on_first_token()
+                    # The deadline covers only the wait for the service, never our
+                    # consumer's work (which may ride out a broker outage).
+                    watchdog.pause()
+                    yield "".join(pieces)
+                    watchdog.move_to(loop.time() + self._idle_timeout_s)
                 if ended:
                     break
             watchdog.pause()  # the stream is over: closing it is not waiting on the service
