@@ -148,7 +148,8 @@ async def test_random_frames_never_break_the_socket(ws: Socket, frame: str | byt
     # And the socket still chats.
     await ws.send({"type": "message", "text": "hi"})
     reply = await ws.until_done(REPLY_TIMEOUT_S)
-    assert [f["type"] for f in reply] == ["user", "delta", "delta", "delta", "done"], reply
+    types = [f["type"] for f in reply]
+    assert types[0] == "user" and set(types[1:-1]) == {"delta"} and types[-1] == "done", reply
     assert reply[-1]["reason"] == "stop"
     assert text_of(reply) == reply_text("hi", 3)
 

@@ -15,6 +15,8 @@ from .conftest import Socket, seqs, text_of
 
 
 async def test_ready_then_streamed_reply(connect, fake: FakeOpenAI) -> None:
+    # Chunks far enough apart that none arrive together (those would be one delta).
+    fake.configure(interval_ms=30)
     async with connect() as (ws, ready):
         assert ready == {
             "type": "ready",
