@@ -105,7 +105,8 @@ class OpenAIReply:
         pending = b""  # an unfinished line
         ended = False
         try:
-            async for data in self._response.content.iter_any():
+            body = self._response.content
+            while data := await body.readany():  # what has arrived; b"" at the end
                 lines = (pending + data).splitlines(keepends=True)
                 pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
                 pieces = []
