@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import pytest
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 
+from chatbot.chat.feed import Feed
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
-from chatbot.settings import DEFAULT_SYSTEM_PROMPT
+from chatbot.settings import DEFAULT_SYSTEM_PROMPT, Settings
 
 from .conftest import Socket, seqs, text_of
+from .support.waiting import wait_until
 
 
 async def test_ready_then_streamed_reply(connect, fake: FakeOpenAI) -> None:
@@ -366,3 +369,24 @@ async def test_a_silent_socket_is_closed_as_dead(app_with, settings) -> None:
             assert await ws.recv() == {"type": "pong"}
             with pytest.raises(WebsocketDisconnectError):
                 await ws.recv(timeout_s=3)
+
+
+async def test_a_closed_socket_is_freed_without_the_cyclic_gc(app_with, fake: FakeOpenAI) -> None:
+    """A closed socket's objects go by reference counting alone: no reference cycle (a frame
+    holding its own task, kept alive by that task's CancelledError) waits for the collector."""
+    settings = Settings(openai_base_url=fake.base_url, openai_api_key="sk-test")
+    gc.collect()
+    gc.disable()
+    try:
+        async with app_with(settings) as app, app.test_client().websocket("/ws") as raw:
+            ws = Socket(raw)
+            assert (await ws.recv())["type"] == "ready"
+            await ws.send({"type": "ping"})
+            assert (await ws.recv())["type"] == "pong"
+
+        async def freed() -> bool:  # once the server's handler has closed the socket
+            return not any(isinstance(o, Feed) for o in gc.get_objects())
+
+        await wait_until(freed)
+    finally:
+        gc.enable()
