@@ -38,6 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
 from chatbot.fake_openai import reply_text
 
 MAX_ERROR_EXAMPLES = 8
@@ -118,8 +126,6 @@ def source_address(cfg: Config, index: int) -> str:
 
 
 async def ws_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
-    from websockets.exceptions import InvalidHandshake, InvalidStatus
-
     await asyncio.sleep(max(0.0, t_start + cfg.spread_s * index / cfg.n - time.perf_counter()))
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
@@ -159,10 +165,6 @@ class Conversation(asyncio.Protocol):
     `SessionError` of the first frame that broke the contract)."""
 
     def __init__(self, cfg: Config, index: int, t0: float, res: Results) -> None:
-        from websockets.client import ClientProtocol
-        from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
-        from websockets.uri import parse_uri
-
         self.cfg, self.index, self.t0, self.res = cfg, index, t0, res
         extensions = enable_client_permessage_deflate(None) if cfg.compression else None
         self.ws = ClientProtocol(parse_uri(cfg.url), extensions=extensions, max_size=None)
@@ -217,8 +219,6 @@ class Conversation(asyncio.Protocol):
         self.res.handshake(response.headers.get("Sec-WebSocket-Extensions"))
 
     def _frame(self, frame: Any) -> None:
-        from websockets.frames import Opcode
-
         if frame.opcode is not Opcode.TEXT:
             return  # pings are answered by the protocol; a close ends the connection
         if not frame.fin:
@@ -294,8 +294,6 @@ class Conversation(asyncio.Protocol):
         if self.transport is None or self.lost.done():
             return
         if self.open:
-            from websockets.protocol import State
-
             if self.ws.state is State.OPEN:
                 self.ws.send_close(1000)
                 self._flush()
@@ -467,9 +465,6 @@ class _SSE:
 
 async def idle_open(cfg: Config, index: int, gate: asyncio.Semaphore, res: Results) -> Any:
     """Open one socket and read its `ready`; the connection, or None if it failed."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-
     ws = None
     try:
         async with asyncio.timeout(cfg.deadline_s):
@@ -513,8 +508,6 @@ async def warm_up(cfg: Config, sessions: int = 4) -> None:
     """A few quick exchanges before the measured load, so the server's one-off costs (lazy
     imports, first-use caches, pools) fall outside its measured CPU time and baseline RSS. They
     come from an address no measured session uses."""
-    from websockets.asyncio.client import connect
-
     source = "127.255.255.254"
 
     async def socket(chat: bool) -> None:

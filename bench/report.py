@@ -48,9 +48,9 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     if len(results) == 1:
         return results[0]
     merged = dict(results[0])
-    for key in ("replies_ok", "replies_expected", "opened", "sockets", "deflated", "client_cpu_s"):
+    counts = ("replies_ok", "replies_expected", "opened", "sockets", "deflated", "deltas")
+    for key in (*counts, "client_cpu_s"):
         merged[key] = sum(r[key] for r in results)
-    merged["deltas"] = sum(r.get("deltas", 0) for r in results)
     merged["n"] = sum(r["n"] for r in results)
     merged["wall_s"] = max(r["wall_s"] for r in results)
     errors: dict[str, int] = {}
@@ -104,7 +104,7 @@ def summarize(
         else None,
         opened=raw.get("opened", 0),
         # Frames per reply: fewer than the upstream's chunks when pieces were coalesced.
-        deltas_per_reply=raw.get("deltas", 0) / replies if replies else None,
+        deltas_per_reply=raw["deltas"] / replies if replies and scenario["mode"] == "ws" else None,
         negotiated=_negotiated(raw),
         **usage,
     )
