@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import RESYNC, Broker, Event, Hub, Lease, Subscription
+from .base import RESYNC, Broker, Event, Hub, Lease, Subscription, cancelling
 
-__all__ = ["RESYNC", "Broker", "Event", "Hub", "Lease", "Subscription", "open_broker"]
+__all__ = [
+    "RESYNC",
+    "Broker",
+    "Event",
+    "Hub",
+    "Lease",
+    "Subscription",
+    "cancelling",
+    "open_broker",
+]
 
 
 def open_broker(settings: Settings) -> Broker:

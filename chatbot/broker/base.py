@@ -58,6 +58,18 @@ RESYNC: Final = _Resync()
 Item = Event | str | _Resync
 
 
+def cancelling() -> bool:
+    """Whether the current task is being cancelled. redis-py can swallow a cancellation that
+    arrives mid-command (it becomes a connection error), so broker code and its callers check
+    this before taking an error, or a quiet return, at face value.
+
+    A call, not a task kept in a local: a frame holding its own task, kept alive by the
+    CancelledError traceback that the cancelled task keeps, is a reference cycle, and the
+    objects of every closed socket would wait for the cyclic GC instead of being freed."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Subscription:
     """The inbox of one consumer (a socket) of one session's live frames, bounded in bytes.
 

@@ -44,7 +44,15 @@ from .. import metrics
 from ..errors import BrokerUnavailable
 from ..protocol import encode, new_id
 from ..settings import Settings
-from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
+from .base import (
+    SUBSCRIPTION_MAX_BYTES,
+    ControlHandler,
+    Event,
+    Hub,
+    Lease,
+    Subscription,
+    cancelling,
+)
 from .hiredis_packing import use_hiredis_packing
 from .redis_batches import Batcher
 
@@ -230,11 +238,6 @@ def _frame_parts(event: dict[str, Any]) -> tuple[str, str]:
     return prefix + ',"seq":', text[len(prefix) :]
 
 
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
     """Redis and network errors in the block become `BrokerUnavailable`. A class, not a
     `@contextmanager`: it wraps every broker call, and a generator-based one cost 2-3 % of the
@@ -251,7 +254,7 @@ class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
         if not isinstance(exc, (RedisError, OSError)):
             return
-        if _cancelling():
+        if cancelling():
             # redis-py turns a cancellation mid-command into a connection error; a caller that
             # retries BrokerUnavailable would then never see that its task was cancelled.
             raise asyncio.CancelledError from exc
@@ -372,7 +375,7 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if _cancelling():
+                if cancelling():
                     raise asyncio.CancelledError from exc  # the client library swallowed it
                 if self._listening:
                     log.warning("redis pub/sub listener lost (%s); reconnecting", exc)

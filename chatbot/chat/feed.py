@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ..broker import RESYNC, Broker, Event, Subscription
+from ..broker import RESYNC, Broker, Event, Subscription, cancelling
 from ..errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Feed:
 
     async def __anext__(self) -> str:
         while True:
-            if _cancelling():
+            if cancelling():
                 # A cancellation that a client library swallowed below us (redis-py can, mid
                 # command) must still end the feed, or the socket's sender waits forever.
                 raise asyncio.CancelledError
@@ -103,12 +103,3 @@ async def open_feed(
 ) -> AsyncIterator[Feed]:
     async with broker.subscribe(session, max_bytes) as sub:
         yield Feed(broker, sub, after)
-
-
-def _cancelling() -> bool:
-    """Whether the current task is being cancelled. Not a local of `Feed.__anext__`: a frame
-    holding its own task, kept by the CancelledError's traceback that the cancelled task keeps,
-    is a reference cycle, and every closed socket's objects (~100) would wait for the cyclic GC
-    instead of being freed at once."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
