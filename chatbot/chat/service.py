@@ -187,7 +187,6 @@ class ChatService:
                 history: list[Message] = await self.broker.history(session)  # type: ignore[assignment]
                 context = self._context(history)
                 gen.context_chars = sum(len(m["content"]) for m in context)
-                append = self.broker.append
                 async with self.model.stream(context) as reply:
                     async for piece in reply:
                         gen.timer.delta()
@@ -195,10 +194,7 @@ class ChatService:
                         delta = protocol.delta_event(msg_id, piece)
                         # A retried append never doubles text (the token is this reply's own).
                         key = f"{gen.lease.token}:{len(gen.text)}"
-                        try:
-                            await append(session, delta, key)
-                        except BrokerUnavailable:  # ride it out; the happy path pays nothing
-                            await self._outlast(append, session, delta, key)
+                        await self._outlast(self.broker.append, session, delta, key)
                 reason = "length" if reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
