@@ -297,7 +297,7 @@ class Report:
         matching = self.find(
             mode="ws", pattern=pattern, shape=shape, compression=compression, server_deflate=False
         )
-        order = {"chatbot": 0, "chatbot-redis": 1, "peer": 2}
+        order = {"chatbot": 0, "chatbot-redis": 1, "peer": 2, "floor": 3}
         for r in sorted(matching, key=lambda r: (order.get(r["system"], 9), r["n"])):
             peer = self.one(
                 system="peer",
@@ -463,17 +463,23 @@ class Report:
 
     # -- targets ----------------------------------------------------------------------------------
 
+    def realistic(self, system: str, pattern: str, n: int) -> dict[str, Any] | None:
+        """The WebSocket row of `system` at N=`n` in the realistic shape, as shipped (the client
+        offers deflate, the server keeps its default)."""
+        return self.one(
+            system=system,
+            mode="ws",
+            pattern=pattern,
+            shape="realistic",
+            n=n,
+            compression="deflate",
+            server_deflate=False,
+        )
+
     def targets(self) -> list[tuple[str, str, bool | None]]:
         """(target, what was measured, met?) for each target of the issue."""
         out: list[tuple[str, str, bool | None]] = []
-        steady = self.one(
-            system="chatbot",
-            mode="ws",
-            pattern="steady",
-            shape="realistic",
-            n=1000,
-            compression="deflate",
-        )
+        steady = self.realistic("chatbot", "steady", 1000)
         if steady:
             ok = steady["errors"] == 0 and (steady["ttfd_overhead_p99_s"] or 1e9) <= 0.1
             out.append(
@@ -484,14 +490,21 @@ class Report:
                     ok,
                 )
             )
-        burst = self.one(
-            system="chatbot",
-            mode="ws",
-            pattern="burst",
-            shape="realistic",
-            n=1000,
-            compression="deflate",
-        )
+        floor = self.realistic("floor", "steady", 1000)
+        if steady and floor:
+            out.append(
+                (
+                    "the stack's floor at steady N=1000: `bench.floor`, a bare relay on "
+                    "Hypercorn + aiohttp + uvloop with none of chatbot's code",
+                    f"floor {_num(floor['cpu_per_reply_ms'], 2)} vs chatbot "
+                    f"{_num(steady['cpu_per_reply_ms'], 2)} ms CPU/reply; p99 TTFD "
+                    f"{_ms(_add(floor['ttfd_overhead_p99_s'], UPSTREAM_TTFT_S))} vs "
+                    f"{_ms(_add(steady['ttfd_overhead_p99_s'], UPSTREAM_TTFT_S))} ms, "
+                    f"{floor['errors']} errors",
+                    None,
+                )
+            )
+        burst = self.realistic("chatbot", "burst", 1000)
         bare = self.bare(1000, "realistic", "burst")
         flask = self.flask_replies_per_s()
         if burst:
@@ -549,18 +562,7 @@ class Report:
                         idle["rss_per_socket_kib"] <= 40 and idle["opened"] == idle["n"],
                     )
                 )
-        mem, red = (
-            self.one(
-                system=s,
-                mode="ws",
-                pattern="steady",
-                shape="realistic",
-                n=1000,
-                compression="deflate",
-                server_deflate=False,
-            )
-            for s in ("chatbot", "chatbot-redis")
-        )
+        mem, red = (self.realistic(s, "steady", 1000) for s in ("chatbot", "chatbot-redis"))
         if mem and red and mem["cpu_per_reply_ms"] and red["cpu_per_reply_ms"]:
             extra = red["cpu_per_reply_ms"] / mem["cpu_per_reply_ms"] - 1
             out.append(

@@ -12,7 +12,8 @@ server (`chatbot.fake_openai`) that runs for the whole run, one per reply shape:
 Systems: ``upstream`` (no server: the load generator streams from the fake directly), ``flask``
 (`bench.flask_app` under ``gunicorn -w 4``, HTTP only), ``chatbot`` (one Hypercorn process,
 in-process broker), ``chatbot-redis`` (the same with REDIS_URL on the local redis-server, a
-dedicated db flushed before each scenario) and ``peer`` (`bench.fastapi_peer` on uvicorn).
+dedicated db flushed before each scenario), ``peer`` (`bench.fastapi_peer` on uvicorn) and
+``floor`` (`bench.floor`: a bare relay on chatbot's own stack, the least it can cost).
 
 By default the server under test is pinned to CPU 0 and the fake upstream and load generator to
 the other CPUs, so the server has a core of its own, as it would in production, and the client
@@ -157,6 +158,9 @@ class Bench:
             argv += ["--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
             argv += ["--no-access-log", "--log-level", "warning", "--backlog", "2048"]
             return Server("peer", argv, env=upstream, **common).start()
+        if system == "floor":
+            argv = [python(), "-m", "bench.floor", "--port", str(port)]
+            return Server("floor", argv, env=upstream, **common).start()
         raise ValueError(system)
 
     def _redis_available(self) -> bool:
@@ -484,10 +488,12 @@ def plan(bench: Bench) -> None:
                 bench.ws("chatbot-redis", pattern, n, messages)
         else:
             bench.notes.append("no redis-server on 127.0.0.1:6379: Redis mode not measured")
+        for n in a.levels:  # what the stack costs with none of chatbot's code
+            bench.ws("floor", pattern, n, messages)
     # Token rate: CPU per chunk (a server saturates at far fewer sessions in this shape).
     for n in a.token_levels:
         bench.bare(n, "token-rate", "steady")
-        systems = ["chatbot", "peer"] + (["chatbot-redis"] if bench.redis_ok else [])
+        systems = ["chatbot", "peer", "floor"] + (["chatbot-redis"] if bench.redis_ok else [])
         for system in systems:
             bench.run(Scenario(system, "ws", "steady", n, shape="token-rate", messages=steady_m))
     # permessage-deflate: what an idle socket costs with and without it, and CPU under load.
@@ -641,6 +647,7 @@ def quick_plan(bench: Bench) -> None:
     bench.ws("chatbot", "burst", n, 1)
     bench.ws("chatbot", "steady", n, a.steady_messages)
     bench.ws("peer", "burst", n, 1)
+    bench.ws("floor", "steady", n, a.steady_messages)
     if bench.redis_ok:
         bench.ws("chatbot-redis", "steady", n, a.steady_messages)
     bench.run(Scenario("chatbot", "ws", "burst", n, shape="token-rate"))
