@@ -71,13 +71,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         seq += 1
         await frame({"type": "user", "seq": seq, "id": msg_id, "text": text})
         body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": True}
-        async with _client().post(f"{URL}/chat/completions", json=body) as response:
+        async with _client().post(f"{URL}/chat/completions", data=_ENCODE(body)) as response:
             pending = b""
             while data := await response.content.readany():
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
                     if line.startswith(b"data: {"):
-                        choice = json.loads(line[6:])["choices"][0]
+                        choice = json.loads(line[6:].decode())["choices"][0]
                         piece = choice["delta"].get("content")
                         if piece:
                             seq += 1
