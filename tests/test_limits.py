@@ -129,15 +129,40 @@ async def test_limits_are_shared_by_instances_through_redis(
     assert codes == [200, 200, 429]
 
 
-def test_the_paced_sweep_still_overrides_the_storage_hook() -> None:
-    """`_PacedMemoryStorage` replaces a private method of `limits`' MemoryStorage; if an upgrade
-    renames it, the override would silently stop pacing (O(sessions) per message again)."""
-    from limits.aio.storage import MemoryStorage
+async def test_the_in_process_sweep_of_expired_keys_runs_once_per_interval() -> None:
+    """`limits`' MemoryStorage starts a sweep of every key on every call once the last one has
+    ended; ours sweeps once per SWEEP_INTERVAL_S. The hook it replaces is private to `limits`:
+    an upgrade that renames it fails here instead of quietly sweeping per message again."""
+    from chatbot.chat.limits import _paced_memory_storage
 
-    from chatbot.chat.limits import _PacedMemoryStorage
+    storage = _paced_memory_storage()
+    await storage.incr("a", 60)
+    first = storage.timer
+    assert first is not None
+    await asyncio.wait_for(first, 5)
+    await storage.incr("b", 60)
+    assert storage.timer is first  # no second sweep within the interval
 
-    assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
-    assert "_MemoryStorage__schedule_expiry" in vars(_PacedMemoryStorage)
+
+async def test_a_reply_spends_its_tokens_and_an_overdraft_spends_exactly_the_rest(
+    settings,
+) -> None:
+    from chatbot.broker.memory import MemoryBroker
+    from chatbot.chat.limits import AbuseLimits
+
+    broker = MemoryBroker(history_turns=4, log_max_events=100, session_ttl_s=60)
+    limits = AbuseLimits(settings.replace(session_token_budget="100/day"), broker)
+
+    async def left() -> int:
+        stats = await limits._limiter.get_window_stats(limits._budget, "budget", "s")
+        return stats.remaining
+
+    await limits.charge_tokens("s", 30)
+    assert await left() == 70
+    await limits.charge_tokens("s", 500)
+    assert await left() == 0
+    await limits.charge_tokens("s", 5)  # nothing left to spend: no error either
+    assert await left() == 0
 
 
 def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
