@@ -14,7 +14,8 @@ Everything chatbot adds is missing on purpose: no history, log, resume or replay
 sender task, no rate limits, admission, metrics, timeouts, retries or error handling. What it
 spends per reply is what the stack spends before any of chatbot's code runs, so the gap to
 chatbot is the price of its features, and a target this cannot meet no product on this stack
-meets on this machine. It deliberately does not import `chatbot`.
+meets on this machine. Of `chatbot` it imports only how `chatbot serve` serves (its listen
+backlog, its refusal of permessage-deflate, uvloop), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -90,27 +91,20 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def main() -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
-    from hypercorn.protocol import ws_stream
-    from wsproto.extensions import PerMessageDeflate
+
+    from chatbot.cli import LISTEN_BACKLOG, decline_permessage_deflate, run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8003)
     args = parser.parse_args()
 
-    class Declined(PerMessageDeflate):
-        def accept(self, offer: str) -> None:
-            return None
-
-    ws_stream.PerMessageDeflate = Declined  # type: ignore[misc]
+    decline_permessage_deflate()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
-    config.backlog = 2048
+    config.backlog = LISTEN_BACKLOG
     config.accesslog = None
-
-    import uvloop
-
-    uvloop.run(serve(app, config))  # type: ignore[arg-type]
+    run(serve(app, config))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
