@@ -10,7 +10,8 @@ It runs on bare asyncio streams and `h11` rather than a web framework because be
 ~1,000 concurrent streams on two cores: a stream costs one sleeping task and a few small writes.
 
 Run it with ``python -m chatbot.fake_openai --port 8001`` and point the app at
-``OPENAI_BASE_URL=http://127.0.0.1:8001/v1``.
+``OPENAI_BASE_URL=http://127.0.0.1:8001/v1``. With ``--tls`` it serves https with a throwaway
+self-signed certificate and prints the file to trust (``SSL_CERT_FILE=...``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import logging
 import re
 import signal
 import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +44,7 @@ __all__ = [
     "parse_prompt",
     "reply_chunks",
     "reply_text",
+    "self_signed_certificate",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,10 @@ class Behaviour:
     hang: bool = False  # never send response headers
     hang_after: int | None = None  # stall forever after this many content chunks
     pad: int = 0  # dots added to every word: large replies without more chunks
+    # Write the chunked body's terminator this long after `[DONE]` instead of with it, as
+    # LiteLLM's proxy and llama.cpp's server do: a client that stops reading at `[DONE]` then
+    # leaves the body unfinished, and its HTTP client cannot pool the connection.
+    end_apart_ms: int | None = None
 
     def merged(self, options: dict[str, Any]) -> Behaviour:
         """A copy with `options` (directive or config values, validated here) applied."""
@@ -93,6 +103,7 @@ class Behaviour:
 
 
 _KEYS = frozenset(f.name for f in dataclasses.fields(Behaviour))
+_CLEARABLE = frozenset({"status", "retry_after", "cut", "malformed", "hang_after", "end_apart_ms"})
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -100,7 +111,7 @@ def _coerce(key: str, value: Any) -> Any:
         raise DirectiveError(f"unknown fake option {key!r}; expected one of {sorted(_KEYS)}")
     if key == "hang":  # a bare `[[fake:hang]]` arrives as None
         return value is None or value is True or str(value).lower() in ("1", "true")
-    if value is None and key in ("status", "retry_after", "cut", "malformed", "hang_after"):
+    if value is None and key in _CLEARABLE:
         return None  # lets /_fake/config clear a failure mode
     if key == "retry_after":
         return str(value)
@@ -256,8 +267,10 @@ class FakeOpenAI:
         chunks: int = 20,
         interval_ms: int = 100,
         api_key: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ):
         self.host, self.port, self.api_key = host, port, api_key
+        self.tls = tls  # serve https (see `tls_context`)
         self._startup = Behaviour().merged(
             {"ttft_ms": ttft_ms, "chunks": chunks, "interval_ms": interval_ms}
         )
@@ -281,7 +294,7 @@ class FakeOpenAI:
     def base_url(self) -> str:
         """The URL to give the `openai` client, e.g. ``http://127.0.0.1:8001/v1``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/v1"
 
     async def start(self) -> None:
         """Bind and start serving; `port` is the bound port afterwards (useful with port 0)."""
@@ -290,7 +303,9 @@ class FakeOpenAI:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.create_server((self.host, self.port), family=family, backlog=4096)
         self.port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve_connection, sock=sock, backlog=4096)
+        self._server = await asyncio.start_server(
+            self._serve_connection, sock=sock, backlog=4096, ssl=self.tls
+        )
 
     async def close(self) -> None:
         """Stop listening and abort every open connection (open streams become "aborted")."""
@@ -532,9 +547,13 @@ class FakeOpenAI:
         tail = r.chunks.delta({}, r.finish)
         if r.include_usage:
             tail += r.chunks.event({"choices": [], "usage": r.usage})
-        # One write, so the terminating zero-length chunk follows [DONE] at once: the client
-        # drains the body for only 100 ms after [DONE] before giving up the connection.
-        await ex.send_data(tail + b"data: [DONE]\n\n", end=True)
+        tail += b"data: [DONE]\n\n"
+        if r.opts.end_apart_ms is None:  # one write: the body's terminator follows [DONE] at once
+            await ex.send_data(tail, end=True)
+        else:
+            await ex.send_data(tail)
+            await asyncio.sleep(r.opts.end_apart_ms / 1000)
+            await ex.send_data(b"", end=True)
         r.record["status"] = "completed"
 
     async def _complete(self, ex: _Exchange, r: _Reply) -> None:
@@ -602,18 +621,46 @@ class FakeOpenAI:
         await ex.send_json(200, dataclasses.asdict(self.config))
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    fake = FakeOpenAI(
-        args.host, args.port, ttft_ms=args.ttft_ms, chunks=args.chunks,
-        interval_ms=args.interval_ms, api_key=args.api_key,
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for localhost and 127.0.0.1 and its key, made with the `openssl`
+    command in `directory`: (cert.pem, key.pem). A client trusts it through its CA file
+    (``SSL_CERT_FILE=cert.pem`` for the chatbot)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
     )  # fmt: skip
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with fake:
-        print(f"fake-openai listening on {fake.base_url}", flush=True)
-        await stop.wait()
+    return cert, key
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server side of https with `cert` and `key`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="fake-openai-tls-") as scratch:
+        cert, key = args.tls_cert, args.tls_key
+        if args.tls and cert is None:
+            cert, key = self_signed_certificate(Path(scratch))
+        fake = FakeOpenAI(
+            args.host, args.port, ttft_ms=args.ttft_ms, chunks=args.chunks,
+            interval_ms=args.interval_ms, api_key=args.api_key,
+            tls=tls_context(Path(cert), Path(key or cert)) if cert else None,
+        )  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with fake:
+            trust = f" (trust it with SSL_CERT_FILE={cert})" if cert else ""
+            print(f"fake-openai listening on {fake.base_url}{trust}", flush=True)
+            await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -625,6 +672,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per reply")
     parser.add_argument("--interval-ms", type=int, default=100, help="time between chunks")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument(
+        "--tls", action="store_true", help="serve https with a throwaway self-signed certificate"
+    )
+    parser.add_argument("--tls-cert", default=None, help="serve https with this certificate")
+    parser.add_argument("--tls-key", default=None, help="its key (default: in --tls-cert)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     try:

@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ import openai
 import pytest
 
 from chatbot.fake_openai import FakeOpenAI, parse_prompt, reply_chunks, reply_text
+
+from .support.procs import require_executable
 
 XSS = "<script>alert('x')</script> & \"quotes\" \u00e9\u6f22"
 
@@ -269,23 +272,37 @@ async def test_control_endpoints_long_poll_configure_and_reset(
         assert unknown.json()["error"]["code"] == "unknown_url"
 
 
-async def test_command_line_prints_its_url_and_exits_cleanly_on_sigterm() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_command_line_prints_its_url_and_exits_cleanly_on_sigterm(
+    tls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --tls it serves https with a throwaway certificate, which a client trusts through
+    SSL_CERT_FILE as the line says, and which is gone when the server exits."""
+    if tls:
+        require_executable("openssl", package="openssl")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "chatbot.fake_openai", "--port", "0",
-        "--ttft-ms", "0", "--chunks", "3", "--interval-ms", "0",
+        "--ttft-ms", "0", "--chunks", "3", "--interval-ms", "0", *(["--tls"] if tls else []),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         async with asyncio.timeout(10):
             line = (await process.stdout.readline()).decode()  # type: ignore[union-attr]
             prefix = "fake-openai listening on "
-            assert line.startswith(prefix) and line.endswith("/v1\n")
+            url, _, trust = line.removeprefix(prefix).strip().partition(" ")
+            assert line.startswith(prefix) and url.endswith("/v1")
+            assert url.startswith("https://" if tls else "http://")
+            cert = trust.removeprefix("(trust it with SSL_CERT_FILE=").removesuffix(")")
+            if tls:
+                assert "BEGIN CERTIFICATE" in await asyncio.to_thread(Path(cert).read_text)
+                monkeypatch.setenv("SSL_CERT_FILE", cert)
             async with openai.AsyncOpenAI(
-                base_url=line.removeprefix(prefix).strip(), api_key="k", max_retries=0, timeout=5
+                base_url=url, api_key="k", max_retries=0, timeout=5
             ) as client:
                 assert text_of(await stream_chat(client, "sub")) == reply_text("sub", 3)
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+            assert not (tls and await asyncio.to_thread(Path(cert).exists))
     finally:
         if process.returncode is None:
             process.kill()

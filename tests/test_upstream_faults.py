@@ -326,19 +326,6 @@ async def test_the_demo_model_reports_a_closed_breaker(app_with) -> None:
 # The HTTP client itself.
 
 
-async def test_replies_reuse_connections(settings, fake: FakeOpenAI) -> None:
-    """A reply read to its end gives its connection back: the next request rides on it."""
-    model = OpenAIModel(settings)
-    try:
-        for _ in range(3):
-            async with asyncio.timeout(10), model.stream([{"role": "user", "content": "hi"}]) as r:
-                assert "".join([piece async for piece in r]) == reply_text("hi", 5)
-        assert len(fake.requests) == 3
-        assert fake.connections_accepted == 1
-    finally:
-        await model.close()
-
-
 async def test_requests_go_through_the_proxy_the_environment_names(
     settings, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

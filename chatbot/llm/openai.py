@@ -66,6 +66,11 @@ ONE_SHOT_CONNECTIONS = 100  # upstream connections beyond MAX_GENERATIONS, for P
 # A token stream is never compressed: that would hold tokens back in the compressor.
 STREAM_HEADERS = {"Accept-Encoding": "identity"}
 
+# How long a finished reply's connection may wait for the end of its HTTP body before it is
+# closed instead of pooled: servers that write `[DONE]` and the chunked body's terminator
+# apart (LiteLLM's proxy, llama.cpp's server) send the terminator within milliseconds.
+BODY_END_WAIT_S = 5.0
+
 
 class OpenAIReply:
     """A started stream. Iterating yields content pieces, each within its deadline.
@@ -97,6 +102,7 @@ class OpenAIReply:
         self._idle_timeout_s = idle_timeout_s
         self._on_first_token = on_first_token
         self.finish_reason: str | None = None
+        self.finished = False  # the stream said all it had to say (`[DONE]` or its body's end)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -137,6 +143,7 @@ class OpenAIReply:
                     watchdog.move_to(loop.time() + self._idle_timeout_s)
                 if ended:
                     break
+            self.finished = True
             watchdog.pause()  # the stream is over: closing it is not waiting on the service
         except asyncio.CancelledError:
             if watchdog.expired():
@@ -200,6 +207,7 @@ class OpenAIModel:
         # The SDK marks headers it leaves out (no organisation, no project) with `Omit`.
         self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
         self._session: aiohttp.ClientSession | None = None  # made in the event loop, on first use
+        self.finishing = 0  # finished replies whose connection waits for its body's end
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -235,19 +243,17 @@ class OpenAIModel:
                     if watchdog.expired():
                         raise first_token_timeout(self._first_token_timeout_s) from None
                     raise
+                reply = OpenAIReply(
+                    response,
+                    watchdog=watchdog,
+                    first_token_timeout_s=self._first_token_timeout_s,
+                    idle_timeout_s=self._idle_timeout_s,
+                    on_first_token=attempt.succeeded,
+                )
                 try:
-                    yield OpenAIReply(
-                        response,
-                        watchdog=watchdog,
-                        first_token_timeout_s=self._first_token_timeout_s,
-                        idle_timeout_s=self._idle_timeout_s,
-                        on_first_token=attempt.succeeded,
-                    )
+                    yield reply
                 finally:
-                    # A response read to its end gives its connection back to the pool; any
-                    # other (stop, disconnect, timeout, error) closes it, which ends the upstream
-                    # request now instead of letting it generate tokens nobody reads.
-                    response.release()
+                    self._let_go(response, reply.finished)
             except UpstreamError as exc:
                 if exc.code in DOWN:
                     attempt.failed()
@@ -276,7 +282,7 @@ class OpenAIModel:
                 if 200 <= response.status < 300:
                     return response  # the caller releases it
                 status, headers = response.status, response.headers
-                response.release()  # the body of an error is never shown to anyone
+                self._let_go(response, True)  # its body is never shown to anyone
                 error = cause = status_error(status, headers)
             wait_s = retry_wait_s(status, headers, retries) if retries < self._max_retries else None
             if wait_s is None or loop.time() + wait_s >= first_token_at:
@@ -290,6 +296,35 @@ class OpenAIModel:
                 wait_s,
             )
             await asyncio.sleep(wait_s)
+
+    def _let_go(self, response: aiohttp.ClientResponse, finished: bool) -> None:
+        """Give up `response`: its connection back to the pool if the reply `finished`, else
+        closed, which ends the upstream request now (stop, disconnect, timeout, error) instead
+        of letting it generate tokens nobody reads.
+
+        aiohttp pools a connection only once its body has ended; `release()` before that closes
+        it, and the next reply pays a new TCP (and TLS) handshake. So a finished reply whose
+        body's end is still on its way leaves the connection to aiohttp, which pools it when
+        the end arrives (`ClientResponse._response_eof`); one that does not end within
+        `BODY_END_WAIT_S` is closed. The user's `done` waits for none of this.
+        """
+        content = response.content
+        if not finished or content.is_eof():
+            response.release()
+            return
+        self.finishing += 1
+        settled = False
+
+        def settle() -> None:  # the body's end (the connection is pooled by now) or the deadline
+            nonlocal settled
+            if not settled:
+                settled = True
+                self.finishing -= 1
+                timer.cancel()
+                response.close()  # closes the connection only if it was not pooled
+
+        timer = asyncio.get_running_loop().call_later(BODY_END_WAIT_S, settle)
+        content.on_eof(settle)
 
     async def close(self) -> None:
         if self._session is not None:
