@@ -63,7 +63,7 @@ LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
-RECONNECT_BACKOFF_S: Final = (0.1, 5.0)  # first and longest wait between listener restarts
+RECONNECT_BACKOFF_S: Final = (0.1, 2.0)  # first and longest wait between listener restarts
 
 
 def _fan_out(subs: str, frame: str, writer: str, session: str) -> str:
@@ -362,13 +362,15 @@ class RedisBroker:
         return 3 * self._settings.redis_canary_interval_s + self._settings.redis_timeout_s
 
     async def _listen_forever(self) -> None:
-        """The one pub/sub connection of this process, restarted with backoff whenever it fails.
+        """The one pub/sub connection of this process, restarted with backoff whenever it fails,
+        however long Redis stays away.
 
         redis-py reconnects a PubSub itself only for a few quick retries, then the listener dies;
         so every failure here ends in a fresh PubSub that subscribes this instance's two
-        channels again, after which every local subscription re-reads the log (RESYNC) to
-        recover what was published while it was deaf.
+        channels again, after which every local session is joined again and every local
+        subscription re-reads the log (RESYNC) to recover what was published while it was deaf.
         """
+        failures = 0
         while True:
             try:
                 await self._listen_once()
@@ -377,10 +379,14 @@ class RedisBroker:
             except Exception as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc  # the client library swallowed it
-                if self._listening:
-                    log.warning("redis pub/sub listener lost (%s); reconnecting", exc)
+                if self._listening:  # lost: a new outage begins
                     self._listening_now = asyncio.get_running_loop().create_future()
+                    failures = 0
                 self._listening = False
+                failures += 1
+                # One warning per outage (and one a minute while it lasts), not one per attempt.
+                level = logging.WARNING if failures % 60 == 1 else logging.DEBUG
+                log.log(level, "redis pub/sub listener down (%s); reconnecting", exc)
                 await asyncio.sleep(self._backoff_s)
                 self._backoff_s = min(self._backoff_s * 2, RECONNECT_BACKOFF_S[1])
 
@@ -393,10 +399,17 @@ class RedisBroker:
         # The control channel goes last: Redis answers in order, so its confirmation means the
         # events channel is live too, and the resync below cannot miss anything.
         await pubsub.subscribe(events, control)
+        # Until the subscription is confirmed the canary cannot arrive: that wait has its own
+        # deadline. (Checking the canary's age before it, as this once did, failed every
+        # reconnect after an outage longer than the canary deadline: the age counted the outage.)
+        confirm_by = time.monotonic() + self._settings.redis_timeout_s
         while True:
             message = await pubsub.get_message(timeout=self._settings.redis_canary_interval_s)
-            if time.monotonic() - self._last_canary > self._canary_deadline_s:
-                raise ConnectionError("canary overdue: the subscription went deaf")
+            if self._listening:
+                if time.monotonic() - self._last_canary > self._canary_deadline_s:
+                    raise ConnectionError("canary overdue: the subscription went deaf")
+            elif time.monotonic() > confirm_by:
+                raise ConnectionError("redis did not confirm the subscription in time")
             if message is None:
                 continue
             kind, channel = message["type"], message["channel"]
@@ -412,9 +425,9 @@ class RedisBroker:
         if self._listened:
             self.reconnects += 1
             log.info("redis pub/sub listener back; resyncing local sockets")
-            # A Redis that restarted lost the `subs` sets: join every local session again.
-            with suppress(BrokerUnavailable):
-                await asyncio.gather(*(self._join(session) for session in self._hub.sessions()))
+            # A Redis that restarted lost the `subs` sets: join every local session again. If
+            # that fails, so does this attempt (BrokerUnavailable): the sockets are not live yet.
+            await asyncio.gather(*(self._join(session) for session in self._hub.sessions()))
         self._listened = self._listening = True
         self._backoff_s = RECONNECT_BACKOFF_S[0]
         self._last_canary = time.monotonic()

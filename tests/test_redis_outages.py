@@ -1,0 +1,176 @@
+"""Redis outages and restarts against real processes: two Hypercorn instances on one redis-server.
+
+Each outage here outlasts every Redis timeout of the instances (REDIS_TIMEOUT_S and the canary
+deadline, 3 x REDIS_CANARY_INTERVAL_S + REDIS_TIMEOUT_S), which is what users meet when Redis is
+restarted or fails over, and what no retry inside one call rides out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from chatbot.fake_openai import parse_prompt, reply_text
+
+from .support.frames import FrameReader, seqs, text_of
+from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess, free_port
+from .support.waiting import wait_until
+
+REDIS_TIMEOUT_S = 1.0
+CANARY_INTERVAL_S = 0.5
+CANARY_DEADLINE_S = 3 * CANARY_INTERVAL_S + REDIS_TIMEOUT_S
+OUTAGE_S = 2 * CANARY_DEADLINE_S + 1  # 6 s: past every timeout, twice the canary deadline
+BACK_WITHIN_S = 10.0  # readiness returns within this of Redis's return
+ENV = {
+    "REDIS_TIMEOUT_S": str(REDIS_TIMEOUT_S),
+    "REDIS_CANARY_INTERVAL_S": str(CANARY_INTERVAL_S),
+    "GENERATION_LEASE_S": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAIProcess]:
+    fake = FakeOpenAIProcess("--ttft-ms", "20", "--chunks", "5", "--interval-ms", "10").start()
+    yield fake
+    fake.stop()
+
+
+def expected(message: str, chunks: int = 5) -> str:
+    return reply_text(parse_prompt(message)[0], chunks)
+
+
+class Socket(FrameReader):
+    timeout_s = 15.0
+
+    def __init__(self, ws: Any, ready: dict[str, Any]) -> None:
+        self.ws = ws
+        self.ready = ready
+        self.session: str = ready["session"]
+
+    async def _receive(self) -> str | bytes:
+        return await self.ws.recv()  # type: ignore[no-any-return]
+
+    async def say(self, text: str) -> None:
+        await self.ws.send(json.dumps({"type": "message", "text": text}))
+
+
+@asynccontextmanager
+async def connect(server: ChatbotProcess, session: str | None = None) -> AsyncIterator[Socket]:
+    url = server.ws_url + (f"?session={session}" if session else "")
+    async with asyncio.timeout(15):
+        ws = await websockets.connect(url, open_timeout=10)
+        ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready", ready
+    try:
+        yield Socket(ws, ready)
+    finally:
+        async with asyncio.timeout(5):
+            await ws.close()
+
+
+async def readiness(server: ChatbotProcess) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        reply = await http.get(server.url + "/readyz")
+    body: dict[str, Any] = reply.json()
+    body["http_status"] = reply.status_code
+    return body
+
+
+async def wait_ready(servers: list[ChatbotProcess], timeout_s: float) -> float:
+    """Seconds until every server's /readyz is 200; fails with their last answers after
+    `timeout_s`."""
+    started = time.monotonic()
+    last: dict[str, Any] = {}
+
+    async def all_ready() -> bool:
+        for server in servers:
+            try:
+                last[server.name] = await readiness(server)
+            except httpx.HTTPError as exc:
+                last[server.name] = repr(exc)
+                return False
+        return all(isinstance(b, dict) and b["http_status"] == 200 for b in last.values())
+
+    try:
+        await wait_until(all_ready, timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"not ready {timeout_s} s after Redis's return: {last}") from None
+    return time.monotonic() - started
+
+
+async def wait_unready(server: ChatbotProcess) -> None:
+    async def unready() -> bool:
+        return (await readiness(server))["http_status"] == 503
+
+    await wait_until(unready, timeout_s=15)
+
+
+def instances(redis_url: str, upstream: FakeOpenAIProcess, n: int = 2) -> list[ChatbotProcess]:
+    env = {**ENV, "REDIS_URL": redis_url, "OPENAI_BASE_URL": upstream.base_url}
+    return [ChatbotProcess(env, name=f"chatbot-{i}") for i in range(1, n + 1)]
+
+
+async def test_an_outage_longer_than_every_timeout_heals_without_a_restart(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    """Redis killed (its data kept) for longer than every timeout, then started again: both
+    instances turn ready within 10 s of its return, and a socket open all along, on the
+    instance that does not generate, receives the next reply whole."""
+    redis = RedisProcess(durable=True).start()
+    one, two = servers = instances(redis.url, upstream)
+    try:
+        for server in servers:
+            server.start()
+        await wait_ready(servers, 15)
+        async with connect(one) as a, connect(two, a.session) as b:
+            await a.say("before")
+            before = await b.until_done()
+            assert text_of(before) == expected("before")
+            await a.until_done()
+            redis.kill()
+            for server in servers:
+                await wait_unready(server)
+            await asyncio.sleep(OUTAGE_S)
+            redis.start()
+            await wait_ready(servers, BACK_WITHIN_S)
+            await a.say("after")
+            frames = await b.until_done()
+            assert text_of(frames) == expected("after")
+            first = seqs(before)[-1] + 1  # nothing lost, nothing twice
+            assert seqs(frames) == list(range(first, first + len(frames)))
+            assert text_of(await a.until_done()) == expected("after")
+            # A new socket on either instance is live too.
+            async with connect(two, a.session) as c:
+                await c.say("new socket")
+                assert text_of(await c.until_done()) == expected("new socket")
+    finally:
+        for process in (*servers, redis):
+            process.stop()
+
+
+async def test_an_instance_started_while_redis_is_down_serves_once_it_is_up(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    port = free_port()
+    redis = RedisProcess(port)
+    (server,) = servers = instances(redis.url, upstream, n=1)
+    try:
+        server.start()  # /healthz answers: the process lives, Redis or not
+        assert (await readiness(server))["http_status"] == 503
+        await asyncio.sleep(OUTAGE_S)
+        redis.start()
+        await wait_ready(servers, BACK_WITHIN_S)
+        async with connect(server) as a:
+            await a.say("first words")
+            assert text_of(await a.until_done()) == expected("first words")
+    finally:
+        for process in (*servers, redis):
+            process.stop()
