@@ -8,6 +8,7 @@ Client frames are parsed and validated in one place (`parse_client_frame`); a ba
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from enum import IntEnum
@@ -16,6 +17,10 @@ from typing import Any, Final, Literal
 from .errors import ClientError, FrameError, TooLong
 
 MAX_CLIENT_ID_CHARS: Final = 64
+# The ids the server issues (sessions, tasks) are 22 URL-safe characters (`new_id`); this is what
+# one may look like when a client hands it back. Anything else is refused where it comes in,
+# before it reaches a Redis key: no lookup is made for an id that cannot be ours.
+_SERVER_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 DoneReason = Literal["stop", "length", "cancelled", "error", "interrupted"]
 
@@ -101,6 +106,8 @@ def parse_client_frame(raw: str | bytes, *, max_chars: int) -> ClientFrame:
         )
     if client_id is not None and has_lone_surrogate(client_id):
         raise FrameError(f'expected "id" to be Unicode text, got {_LONE_SURROGATE}')
+    if client_id is not None and not client_id.isprintable():
+        raise FrameError('expected "id" to be printable text, got control characters')
     text = data.get("text")
     if not isinstance(text, str):
         raise FrameError(f'expected "text" to be a string, got {_json_kind(text)}', ref=client_id)
@@ -117,6 +124,20 @@ def check_text(text: str, max_chars: int, *, ref: str | None = None) -> None:
         raise FrameError("the message text is empty", code="empty", ref=ref)
     if len(text) > max_chars:
         raise TooLong(f"the message has {len(text)} characters; the limit is {max_chars}", ref=ref)
+
+
+def check_id(value: object, what: str) -> str:
+    """`value` when it can be an id the server issued (a session, a task), else `FrameError`
+    saying what came: 1-64 letters, digits, `-` or `_`."""
+    if isinstance(value, str) and _SERVER_ID.fullmatch(value):
+        return value
+    got = f"{len(value)} characters" if isinstance(value, str) else _json_kind(value)
+    if isinstance(value, str) and len(value) <= MAX_CLIENT_ID_CHARS:
+        got = "other characters" if not has_lone_surrogate(value) else _LONE_SURROGATE
+    raise FrameError(
+        f"expected {what} to be an id this service issued (1-{MAX_CLIENT_ID_CHARS} letters, "
+        f"digits, '-' or '_'), got {got}"
+    )
 
 
 def new_id() -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import hiredis
 from hiredis import pack_command
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ READ_SIZE = 65536
 BATCH_WINDOW_S = 0.002
 _NOSCRIPT = "NOSCRIPT "
 
-Call = tuple[Any, int, list[Any]]  # (script or None, number of keys, keys + args or the command)
+Call = tuple[Any, bytes]  # (the script, or None for a plain command; the call in the protocol)
 
 
 def _reply_error(message: str) -> ResponseError:
@@ -42,7 +42,13 @@ def _reply_error(message: str) -> ResponseError:
 class Batcher:
     """`script()` and `command()` return futures of their replies; a reply that is an error
     (a script that failed, a lost script) is raised to its own caller, a lost connection or a
-    timeout to every caller of the batch."""
+    timeout to every caller of the batch.
+
+    A call is encoded when it is made, not when its batch goes: one that cannot be (an argument
+    that is not bytes, text or a number; text that is not Unicode, such as a lone surrogate)
+    fails its own caller at once, as a `DataError`, and never joins a batch. Encoded together,
+    it made the whole batch fail: every socket and reply of the process lost its call
+    (issue #13)."""
 
     def __init__(self, pool: ConnectionPool, timeout_s: float) -> None:
         self._pool = pool
@@ -56,11 +62,11 @@ class Batcher:
         """Run `script` (a redis-py `Script`: `EVALSHA` by its sha, loaded again if Redis lost
         it) in the next batch. Calls run in the order made; a reply awaits each of its appends,
         so a session's events keep their order."""
-        return self._enqueue((script, len(keys), [*keys, *args]))
+        return self._enqueue(script, ("EVALSHA", script.sha, len(keys), *keys, *args))
 
     def command(self, *argv: Any) -> asyncio.Future[Any]:
         """A plain command (`HGET`, `LRANGE`, `PUBLISH`...) in the next batch."""
-        return self._enqueue((None, 0, list(argv)))
+        return self._enqueue(None, argv)
 
     async def close(self, timeout_s: float) -> None:
         if self._flusher is not None:
@@ -68,9 +74,16 @@ class Batcher:
             await asyncio.wait([self._flusher], timeout=timeout_s)
         await self._drop()
 
-    def _enqueue(self, call: Call) -> asyncio.Future[Any]:
+    def _enqueue(self, script: Any, argv: tuple[Any, ...]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((call, done))
+        try:
+            # Packed as they are: the batches make every argv themselves, with no "SCRIPT
+            # LOAD"-style command names to split (hiredis_packing.packed does that for the pool).
+            packed = pack_command(argv)
+        except (TypeError, UnicodeError) as exc:
+            done.set_exception(DataError(f"a Redis call that cannot be encoded: {exc}"))
+            return done
+        self._pending.append(((script, packed), done))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return done
@@ -101,20 +114,18 @@ class Batcher:
     async def _run(self, batch: list[Call]) -> list[Any]:
         """The replies of `batch`, in order. When Redis lost a script (a restart) it refuses
         those calls, which therefore did not run: load the scripts and run them again."""
-        results = await self._round_trip([_argv(call) for call in batch])
+        results = await self._round_trip([packed for _, packed in batch])
         lost = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if lost:
             scripts = list({batch[i][0] for i in lost})
-            loads = [("SCRIPT", "LOAD", script.script) for script in scripts]
-            retried = await self._round_trip([*loads, *(_argv(batch[i]) for i in lost)])
+            loads = [pack_command(("SCRIPT", "LOAD", script.script)) for script in scripts]
+            retried = await self._round_trip([*loads, *(batch[i][1] for i in lost)])
             for i, result in zip(lost, retried[len(scripts) :], strict=True):
                 results[i] = result
         return results
 
-    async def _round_trip(self, argvs: list[tuple[Any, ...]]) -> list[Any]:
-        # Packed as they are: the batches make every argv themselves, with no "SCRIPT LOAD"-style
-        # command names to split (hiredis_packing.packed does that for the pool's commands).
-        data = b"".join([pack_command(argv) for argv in argvs])
+    async def _round_trip(self, packed: list[bytes]) -> list[Any]:
+        data = b"".join(packed)
         # After a Redis restart the held connection is dead, found out only by using it: one
         # immediate retry on a new connection rides that out. (Whether a command ran before its
         # connection died is ambiguous with or without it; appends carry idempotency keys.)
@@ -123,7 +134,7 @@ class Batcher:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     conn = await self._connection()
-                    return await self._exchange(conn, data, len(argvs))
+                    return await self._exchange(conn, data, len(packed))
             except BaseException as exc:
                 await self._drop()  # its state is unknown: never reuse it
                 if fresh or attempt or not isinstance(exc, (ConnectionError, OSError)):
@@ -167,8 +178,3 @@ class Batcher:
                 await conn.disconnect()
             finally:
                 await self._pool.release(conn)
-
-
-def _argv(call: Call) -> tuple[Any, ...]:
-    script, numkeys, argv = call
-    return tuple(argv) if script is None else ("EVALSHA", script.sha, numkeys, *argv)

@@ -16,6 +16,7 @@ from ..errors import (
     Busy,
     CircuitOpen,
     ClientError,
+    FrameError,
     Overloaded,
     RateLimited,
     Restarting,
@@ -80,13 +81,16 @@ async def ask() -> JsonReply:
     if refusal is not None:
         return refusal
     data = await request.get_json(silent=True)
-    session = data.get("session") if isinstance(data, dict) else None
-    if session is not None and not isinstance(session, str):
-        return {"error": "session must be a string"}, 400
+    session = (data.get("session") if isinstance(data, dict) else None) or None
     try:
+        if session is not None:
+            protocol.check_id(session, "session")
         return await start_task(chat_service(), session, message, _client_ip()), 202
     except RateLimited as exc:
         return _too_many(exc)
+    except FrameError as exc:
+        log.info("refused POST /api/ask: %s", exc.message)
+        return {"error": exc.message}, 400
     except Busy as exc:
         return {"error": exc.message}, 409
     except (Restarting, Overloaded) as exc:
@@ -97,6 +101,11 @@ async def ask() -> JsonReply:
 
 @blueprint.get("/api/tasks/<task>")
 async def task(task: str) -> JsonReply:
+    try:
+        protocol.check_id(task, "the task")
+    except FrameError as exc:
+        log.info("refused GET /api/tasks: %s", exc.message)
+        return {"error": exc.message}, 400
     try:
         status = await task_status(chat_service().broker, task)
     except BrokerUnavailable:

@@ -133,6 +133,13 @@ async def chat_socket(
     ):
         log.info("refused websocket with after=%r", after_arg[:20])
         return await client.refuse(scope, 400, "after must be a seq (a whole number)")
+    asked = args.get("session") or None
+    if asked is not None:
+        try:
+            protocol.check_id(asked, "session")
+        except ClientError as exc:
+            log.info("refused websocket: %s", exc.message)
+            return await client.refuse(scope, 400, exc.message)
     if closing.is_set():  # restarting: the client reconnects, through the balancer, elsewhere
         return await client.refuse(scope, 503, "restarting")
     peer = scope.get("client")
@@ -140,7 +147,7 @@ async def chat_socket(
     del headers  # nothing of the handshake is kept for the socket's lifetime but what it needs
     try:
         async with service.limits.socket(ip):
-            session, last = await service.open_session(args.get("session"))
+            session, last = await service.open_session(asked)
             # Without `after` the socket starts live; `after` past the log's end means the end.
             after = last if after_arg is None else min(int(after_arg), last)
             logs.bind_session(session)

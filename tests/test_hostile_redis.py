@@ -1,0 +1,129 @@
+"""Hostile calls against Redis mode, with real processes: redis-server, Hypercorn, the fake model.
+
+One client's bad values must never reach the pipelined batches that every socket of the
+instance shares (issue #13, item 3), and the model's text must never put unencodable text there
+either (item 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import websockets
+
+from chatbot.fake_openai import reply_text
+
+from .support.frames import text_of
+from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess
+
+TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAIProcess]:
+    fake = FakeOpenAIProcess("--ttft-ms", "0", "--chunks", "3", "--interval-ms", "0").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisProcess]:
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeOpenAIProcess, redis: RedisProcess) -> Iterator[ChatbotProcess]:
+    env = {"REDIS_URL": redis.url, "OPENAI_BASE_URL": upstream.base_url, "REDIS_TIMEOUT_S": "2"}
+    process = ChatbotProcess(env).start()
+    yield process
+    process.stop()
+
+
+async def _ready(ws: websockets.ClientConnection) -> dict:
+    async with asyncio.timeout(TIMEOUT_S):
+        frame = json.loads(await ws.recv())
+    assert frame["type"] == "ready", frame
+    return frame  # type: ignore[no-any-return]
+
+
+async def _frames_until_done(ws: websockets.ClientConnection) -> list[dict]:
+    frames: list[dict] = []
+    async with asyncio.timeout(TIMEOUT_S):
+        while not frames or frames[-1]["type"] != "done":
+            frames.append(json.loads(await ws.recv()))
+    return frames
+
+
+# Values a client controls, for every id the service takes from outside. A lone surrogate cannot
+# be encoded as UTF-8, so no Redis command can carry it; the others are not ids we ever issue.
+HOSTILE_IDS = ["\ud800", "a\udfffb", "x" * 5000, "a b", "s:meta", "*", "\x00", "é" * 22, ""]
+JSON_HOSTILE = [*HOSTILE_IDS[:-1], 12, ["s"], {"a": 1}, True]
+# A message id is the client's own (any printable text of 1-64 characters).
+FRAME_HOSTILE = ["\ud800", "a\udfffb", "x" * 65, "\x00", "a\nb", "", 12, ["s"], {"a": 1}]
+
+
+def _escaped(value: object) -> str:
+    return json.dumps(value)  # ensure_ascii: a lone surrogate travels as its \\ud800 escape
+
+
+async def _hostile_calls(server: ChatbotProcess) -> list[tuple[str, int]]:
+    """Every entry point fed every hostile id once; (what, HTTP status or close code)."""
+    outcomes: list[tuple[str, int]] = []
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as http:
+        for value in JSON_HOSTILE:
+            body = '{"message": "hi", "session": ' + _escaped(value) + "}"
+            reply = await http.post("/api/ask", content=body, headers=headers)
+            outcomes.append((f"ask session={value!r:.20}", reply.status_code))
+        for raw in ("%ED%A0%80", "x" * 5000, "a%20b", "s%3Ameta", "%00", "%2A"):
+            reply = await http.get(f"/api/tasks/{raw}")
+            outcomes.append((f"task {raw:.20}", reply.status_code))
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    ws = await websockets.connect(f"{server.ws_url}?session={raw}")
+                await ws.close()
+                outcomes.append((f"ws session={raw:.20}", 101))
+            except websockets.InvalidStatus as exc:
+                outcomes.append((f"ws session={raw:.20}", exc.response.status_code))
+        async with asyncio.timeout(TIMEOUT_S):
+            async with websockets.connect(server.ws_url) as ws:
+                await _ready(ws)
+                for value in FRAME_HOSTILE:
+                    await ws.send(
+                        '{"type": "message", "text": "hi", "id": ' + _escaped(value) + "}"
+                    )
+                    frame = json.loads(await ws.recv())
+                    refused = frame["type"] == "error" and frame["code"] == "invalid_frame"
+                    outcomes.append((f"frame id={value!r:.20}", 400 if refused else 0))
+    return outcomes
+
+
+async def test_hostile_ids_on_every_entry_point_never_touch_a_neighbours_reply(
+    server: ChatbotProcess,
+) -> None:
+    async def victim() -> list[dict]:
+        async with asyncio.timeout(TIMEOUT_S):
+            async with websockets.connect(server.ws_url) as ws:
+                await _ready(ws)
+                long = "slow [[fake:chunks=60]] [[fake:interval_ms=40]]"
+                await ws.send(json.dumps({"type": "message", "id": "v", "text": long}))
+                return await _frames_until_done(ws)
+
+    watching = asyncio.create_task(victim())
+    outcomes = []
+    for _ in range(3):  # for the whole 2.4 s reply
+        outcomes += await _hostile_calls(server)
+    frames = await watching
+    assert text_of(frames) == reply_text("slow", 60)
+    assert frames[-1]["reason"] == "stop"
+    refused = {what: status for what, status in outcomes if status != 400}
+    # An id that is not one of ours is refused at the edge, before any Redis call.
+    assert refused == {}, refused
+    log = server.output()
+    assert "Traceback" not in log and "internal error" not in log
