@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ["chatbot", "tests", "bench"]
+PATHS = ["chatbot", "tests", "bench", "tools"]
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:
