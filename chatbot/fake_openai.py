@@ -58,20 +58,24 @@ Headers = Sequence[tuple[str, str]]
 _DIRECTIVE = re.compile(r"\[\[fake:([A-Za-z_]+)(?:=([^\]\s]*))?\]\]")
 
 
-def reply_chunks(prompt: str, chunks: int, pad: int = 0) -> list[str]:
+def reply_chunks(prompt: str, chunks: int, pad: int = 0, split: int = 0) -> list[str]:
     """The content pieces streamed for `prompt` (the last user message, directives removed).
 
-    `pad` (the `pad` directive) adds that many dots to every word, for large replies.
+    `pad` (the `pad` directive) adds that many dots to every word, for large replies. `split`
+    streams the echo in pieces of that many characters, as a model writes a long formatted
+    answer (the web page's Markdown rendering is measured with it).
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     dots = "." * pad
-    return [f"You said: {prompt}\n", *(f"word{k}{dots} " for k in range(1, chunks))]
+    echo = f"You said: {prompt}\n"
+    pieces = [echo[i : i + split] for i in range(0, len(echo), split)] if split else [echo]
+    return [*pieces, *(f"word{k}{dots} " for k in range(1, chunks))]
 
 
-def reply_text(prompt: str, chunks: int, pad: int = 0) -> str:
+def reply_text(prompt: str, chunks: int, pad: int = 0, split: int = 0) -> str:
     """The whole reply for `prompt`: what a client assembles from the stream."""
-    return "".join(reply_chunks(prompt, chunks, pad))
+    return "".join(reply_chunks(prompt, chunks, pad, split))
 
 
 class DirectiveError(ValueError):
@@ -92,6 +96,7 @@ class Behaviour:
     hang: bool = False  # never send response headers
     hang_after: int | None = None  # stall forever after this many content chunks
     pad: int = 0  # dots added to every word: large replies without more chunks
+    split: int = 0  # stream the echoed prompt in pieces of this many characters (0: in one)
     # Write the chunked body's terminator this long after `[DONE]` instead of with it, as
     # LiteLLM's proxy and llama.cpp's server do: a client that stops reading at `[DONE]` then
     # leaves the body unfinished, and its HTTP client cannot pool the connection.
@@ -512,7 +517,7 @@ class FakeOpenAI:
         if opts.hang:
             await asyncio.Future()  # until the client leaves or we close; the watcher cancels us
 
-        pieces = reply_chunks(prompt, opts.chunks, opts.pad)
+        pieces = reply_chunks(prompt, opts.chunks, opts.pad, opts.split)
         finish = "stop"
         if isinstance(max_tokens, int) and max_tokens < len(pieces):
             pieces, finish = pieces[: max(max_tokens, 0)], "length"

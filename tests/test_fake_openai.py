@@ -71,6 +71,19 @@ def test_reply_chunks_echo_the_prompt_verbatim_in_exactly_n_pieces() -> None:
         reply_chunks("x", 0)
 
 
+async def test_split_streams_the_echo_in_pieces_of_n_characters(
+    client: openai.AsyncOpenAI,
+) -> None:
+    prompt = "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert reply_chunks("abcdefg", 2, split=4) == ["You ", "said", ": ab", "cdef", "g\n", "word1 "]
+    chunks = await stream_chat(client, f"{prompt} [[fake:split=3]] [[fake:chunks=1]]")
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(pieces) == reply_text(prompt, 1) and {len(p) for p in pieces[:-1]} == {3}
+    assert len(pieces) == -(-len(reply_text(prompt, 1)) // 3)
+
+
 async def test_stream_matches_the_openai_wire_format(
     fake: FakeOpenAI, client: openai.AsyncOpenAI
 ) -> None:
