@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
 from chatbot.fake_openai import parse_prompt, reply_text
@@ -174,3 +176,100 @@ async def test_an_instance_started_while_redis_is_down_serves_once_it_is_up(
     finally:
         for process in (*servers, redis):
             process.stop()
+
+
+async def attempt(server: ChatbotProcess) -> str:
+    """Open a socket and classify what the client saw: refused at the handshake (`http 503`),
+    closed before `ready` (`close 1013`), or `live` (`ready`, then a reply to a message, whole).
+    Anything else (`ready` then a close, another code) is returned as a description."""
+    try:
+        async with asyncio.timeout(30):
+            ws = await websockets.connect(server.ws_url, open_timeout=15)
+    except websockets.InvalidStatus as exc:
+        return f"http {exc.response.status_code}"
+    try:
+        async with asyncio.timeout(30):
+            try:
+                first = json.loads(await ws.recv())
+            except websockets.ConnectionClosed as exc:
+                return f"close {exc.rcvd.code if exc.rcvd else None}"
+            if first["type"] != "ready":
+                return f"first frame {first}"
+            sock = Socket(ws, first)
+            await sock.say("are you live?")
+            try:
+                frames = await sock.until_done()
+            except websockets.ConnectionClosed as exc:
+                return f"ready, then close {exc.rcvd.code if exc.rcvd else None}"
+            return "live" if text_of(frames) == expected("are you live?") else f"{frames}"
+    finally:
+        async with asyncio.timeout(5):
+            await ws.close()
+
+
+async def attempts_during(server: ChatbotProcess, fault: Any, every_s: float = 0.2) -> list[str]:
+    """Sockets opened one after another (not waiting for each other) while `fault()` runs."""
+    opened: list[asyncio.Task[str]] = []
+    done = asyncio.ensure_future(fault())
+    while not done.done():
+        opened.append(asyncio.ensure_future(attempt(server)))
+        await asyncio.sleep(every_s)
+    await done
+    return list(await asyncio.gather(*opened))
+
+
+def errors_logged(server: ChatbotProcess) -> list[str]:
+    return [
+        line
+        for line in server.output().splitlines()
+        if '"level": "ERROR"' in line or "Traceback" in line
+    ]
+
+
+async def test_ready_means_live_a_socket_opening_in_a_redis_blip_is_told_to_retry(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    """Sockets open one after another while Redis is paused (SIGSTOP) past REDIS_TIMEOUT_S and
+    then while it answers commands but refuses the subscription: each is refused (HTTP 503),
+    closed with 1013 before `ready`, or gets `ready` and is live; never `ready` then 1011, and
+    the instance logs no error."""
+    redis = RedisProcess().start()
+    (server,) = servers = instances(redis.url, upstream, n=1)
+    try:
+        server.start()
+        await wait_ready(servers, 15)
+
+        async def pause() -> None:
+            redis.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            await asyncio.sleep(3 * REDIS_TIMEOUT_S)
+            redis.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            await wait_ready(servers, BACK_WITHIN_S)
+
+        outcomes = await attempts_during(server, pause)
+        assert set(outcomes) <= {"http 503", "close 1013", "live"}, outcomes
+        assert "http 503" in outcomes and outcomes[-1] == "live", outcomes
+
+        # Redis answers commands but cannot confirm a subscription (its pub/sub refused): the
+        # sessions open, and their sockets are closed with 1013 instead of being handed `ready`.
+        async with redis_admin(redis) as admin:
+            await admin.execute_command("ACL", "SETUSER", "default", "resetchannels")
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_unready(server)
+            assert await attempt(server) == "close 1013"
+            await admin.execute_command("ACL", "SETUSER", "default", "allchannels")
+        await wait_ready(servers, BACK_WITHIN_S)
+        assert await attempt(server) == "live"
+        assert not errors_logged(server)
+        assert "socket refused, not live" in server.output()
+    finally:
+        for process in (*servers, redis):
+            process.stop()
+
+
+@asynccontextmanager
+async def redis_admin(redis: RedisProcess) -> AsyncIterator[Any]:
+    client = aioredis.from_url(redis.url, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        await client.aclose()

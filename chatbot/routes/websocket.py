@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -156,7 +156,8 @@ async def chat_socket(
     except RateLimited as exc:
         log.warning("refused websocket: %s", exc.message)
         await client.refuse(scope, 429, exc.message)
-    except BrokerUnavailable:
+    except BrokerUnavailable as exc:
+        log.warning("refused websocket: %s", exc)
         await client.refuse(scope, 503, "the service cannot open sessions right now")
     except Exception:  # before accept (after it, _serve closes with 1011 itself)
         log.exception("websocket handshake failed")
@@ -175,10 +176,17 @@ async def _serve(
     await client.accept()
     metrics.SOCKETS_OPEN.inc()
     try:
-        await client.send(
-            protocol.encode(protocol.ready(session, last, service.model.name, service.model.demo))
-        )
-        async with service.feed(session, after) as feed:
+        async with AsyncExitStack() as stack:
+            try:
+                feed = await stack.enter_async_context(service.feed(session, after))
+            except BrokerUnavailable as exc:
+                # `ready` promises a live socket: without a confirmed subscription, the client
+                # is told to come back (a Redis blip, or its pub/sub listener reconnecting).
+                log.warning("session %s…: socket refused, not live: %s", session[:6], exc)
+                await client.close(CloseCode.TRY_AGAIN_LATER, "not live yet: try again")
+                return
+            ready = protocol.ready(session, last, service.model.name, service.model.demo)
+            await client.send(protocol.encode(ready))
             with closing.watch() as restart:
                 ended, gone = await _first_to_end(
                     asyncio.ensure_future(_send_all(client, feed)),
