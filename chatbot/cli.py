@@ -1,4 +1,4 @@
-"""`chatbot serve [--host H] [--port P]`: serve the app with Hypercorn on uvloop."""
+"""`chatbot serve [--host H] [--port P] [--workers N]`: serve the app with Hypercorn on uvloop."""
 
 from __future__ import annotations
 
@@ -37,7 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (parser, serve):
         sub.add_argument("--host", help="interface to bind (default: $HOST or 0.0.0.0)")
         sub.add_argument("--port", type=int, help="port to bind (default: $PORT or 8000)")
+        sub.add_argument(
+            "--workers",
+            type=int,
+            help="processes sharing the port, each a full instance; more than 1 needs REDIS_URL "
+            "(default: $WEB_CONCURRENCY or 1)",
+        )
+        sub.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -46,7 +56,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.replace(**overrides)
     logs.configure(settings)
-    run(_serve(settings))
+    workers = settings.web_concurrency if args.workers is None else args.workers
+    if workers > 1 and not settings.broker_shared:
+        if args.workers is not None:
+            print(
+                f"chatbot: --workers {workers} needs REDIS_URL: with the in-process broker each "
+                "worker would keep its own sessions, and a client reconnecting to another worker "
+                "would lose them. Set REDIS_URL, or serve with one worker.",
+                file=sys.stderr,
+            )
+            return 2
+        # Heroku's Python buildpack sets WEB_CONCURRENCY on every dyno by itself (2 on the
+        # smallest): refusing it would stop every app without Redis at boot.
+        log.warning(
+            "WEB_CONCURRENCY=%d ignored: more than one worker needs REDIS_URL; serving with one",
+            workers,
+        )
+        workers = 1
+    if workers > 1:
+        from .workers import supervise
+
+        return supervise(workers, argv)
+    run(_serve(settings, reuse_port=args.reuse_port))
     return 0
 
 
@@ -84,7 +115,7 @@ def decline_permessage_deflate() -> None:
     ws_stream.PerMessageDeflate = DeclinedDeflate  # type: ignore[misc]
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then restart gracefully.
 
     Hypercorn alone would leave websockets open until its graceful timeout and then drop them
@@ -109,8 +140,14 @@ async def _serve(settings: Settings) -> None:
         await drain(app)
         loop.set_exception_handler(_quiet_cancelled_connections)
 
+    config = hypercorn_config(settings)
+    if reuse_port:  # a worker of `--workers N` (chatbot/workers.py)
+        from .workers import reuse_port_socket
+
+        listener = reuse_port_socket(settings.host, settings.port)
+        config.bind = [f"fd://{listener.detach()}"]  # Hypercorn's to close now
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    await serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger)
+    await serve(app, config, shutdown_trigger=shutdown_trigger)
     log.info("stopped")
 
 

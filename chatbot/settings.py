@@ -30,6 +30,7 @@ class Settings:
 
     host: str = "0.0.0.0"
     port: int = 8000
+    web_concurrency: int = 1  # processes `chatbot serve` runs (chatbot/workers.py)
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     openai_model: str = DEFAULT_MODEL
@@ -74,6 +75,11 @@ class Settings:
         return not self.openai_api_key and not self.openai_base_url
 
     @property
+    def broker_shared(self) -> bool:
+        """REDIS_URL names a shared broker (else the in-process one serves one process)."""
+        return bool(self.redis_url) and not str(self.redis_url).startswith("memory://")
+
+    @property
     def lease_check_interval_s(self) -> float:
         """How often instances look for generations whose owner died (bounded failover)."""
         return max(0.05, self.lease_ttl_s / 4)
@@ -96,6 +102,7 @@ class Settings:
         settings = cls(
             host=reader.get("HOST", str, d.host),
             port=reader.get("PORT", _port, d.port),
+            web_concurrency=reader.get("WEB_CONCURRENCY", _positive(int), d.web_concurrency),
             openai_api_key=reader.get("OPENAI_API_KEY", str, None),
             openai_base_url=reader.get("OPENAI_BASE_URL", _url(("http", "https")), None),
             openai_model=reader.get("OPENAI_MODEL", str, d.openai_model),

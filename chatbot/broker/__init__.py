@@ -19,7 +19,7 @@ __all__ = [
 
 def open_broker(settings: Settings) -> Broker:
     """The backend `REDIS_URL` names (imported lazily), or the in-process one without it."""
-    if settings.redis_url and not settings.redis_url.startswith("memory://"):
+    if settings.broker_shared:
         from .redis import RedisBroker
 
         return RedisBroker(settings)

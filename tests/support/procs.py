@@ -103,10 +103,16 @@ class Process:
 class ChatbotProcess(Process):
     """`python -m chatbot serve` on 127.0.0.1:port with the given environment."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, name: str = "chatbot"):
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        name: str = "chatbot",
+        args: tuple[str, ...] = (),
+    ):
         self.port = port or free_port()
         env = {"PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env}
-        super().__init__(name, [sys.executable, "-m", "chatbot", "serve"], env)
+        super().__init__(name, [sys.executable, "-m", "chatbot", "serve", *args], env)
 
     @property
     def url(self) -> str:
@@ -129,6 +135,31 @@ class ChatbotProcess(Process):
             except OSError:
                 time.sleep(0.02)
         raise TimeoutError(f"{self.name} not healthy:\n{self.output()[-3000:]}")
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def serving_pid(pids: list[int], port: int, peer_port: int) -> int | None:
+    """Which of `pids` holds the server end (local `port`) of the TCP connection from the
+    client port `peer_port` (Linux: /proc/net/tcp* for the socket, /proc/PID/fd for its owner)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+            if (local, remote) == (port, peer_port):
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) in inodes:
+                    return pid
+            except OSError:  # closed meanwhile
+                continue
+    return None
 
 
 class FakeOpenAIProcess(Process):
