@@ -45,6 +45,7 @@ __all__ = [
     "reply_chunks",
     "reply_text",
     "self_signed_certificate",
+    "split_surrogates",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,18 @@ def reply_chunks(prompt: str, chunks: int, pad: int = 0, split: int = 0) -> list
     return [*pieces, *(f"word{k}{dots} " for k in range(1, chunks))]
 
 
+def split_surrogates(pieces: list[str]) -> list[str]:
+    """`pieces` as a server that cuts text by UTF-16 code units sends them (the `surrogates`
+    directive): an emoji's surrogate pair split between the first two pieces, and half of a pair
+    with no partner at the very end. Neither half alone is Unicode text."""
+    split = list(pieces)
+    split[0] += "\ud83d"  # U+1F600, its second half opens the next piece
+    if len(split) > 1:
+        split[1] = "\ude00" + split[1]
+    split[-1] += "\ud83d"
+    return split
+
+
 def reply_text(prompt: str, chunks: int, pad: int = 0, split: int = 0) -> str:
     """The whole reply for `prompt`: what a client assembles from the stream."""
     return "".join(reply_chunks(prompt, chunks, pad, split))
@@ -94,6 +107,7 @@ class Behaviour:
     cut: int | None = None  # drop the TCP connection after this many content chunks
     malformed: int | None = None  # send one invalid JSON event after this many content chunks
     hang: bool = False  # never send response headers
+    surrogates: bool = False  # lone UTF-16 surrogates in the text (`split_surrogates`)
     hang_after: int | None = None  # stall forever after this many content chunks
     pad: int = 0  # dots added to every word: large replies without more chunks
     split: int = 0  # stream the echoed prompt in pieces of this many characters (0: in one)
@@ -114,7 +128,7 @@ _CLEARABLE = frozenset({"status", "retry_after", "cut", "malformed", "hang_after
 def _coerce(key: str, value: Any) -> Any:
     if key not in _KEYS:
         raise DirectiveError(f"unknown fake option {key!r}; expected one of {sorted(_KEYS)}")
-    if key == "hang":  # a bare `[[fake:hang]]` arrives as None
+    if key in ("hang", "surrogates"):  # a bare `[[fake:hang]]` arrives as None
         return value is None or value is True or str(value).lower() in ("1", "true")
     if value is None and key in _CLEARABLE:
         return None  # lets /_fake/config clear a failure mode
@@ -518,6 +532,8 @@ class FakeOpenAI:
             await asyncio.Future()  # until the client leaves or we close; the watcher cancels us
 
         pieces = reply_chunks(prompt, opts.chunks, opts.pad, opts.split)
+        if opts.surrogates:
+            pieces = split_surrogates(pieces)
         finish = "stop"
         if isinstance(max_tokens, int) and max_tokens < len(pieces):
             pieces, finish = pieces[: max(max_tokens, 0)], "length"

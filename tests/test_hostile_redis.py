@@ -15,7 +15,7 @@ import httpx
 import pytest
 import websockets
 
-from chatbot.fake_openai import reply_text
+from chatbot.fake_openai import reply_chunks, reply_text
 
 from .support.frames import text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess
@@ -127,3 +127,45 @@ async def test_hostile_ids_on_every_entry_point_never_touch_a_neighbours_reply(
     assert refused == {}, refused
     log = server.output()
     assert "Traceback" not in log and "internal error" not in log
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_split_surrogate_pairs_from_the_model_arrive_as_unicode(
+    upstream: FakeOpenAIProcess, redis: RedisProcess, broker: str
+) -> None:
+    env = {"OPENAI_BASE_URL": upstream.base_url, "REDIS_TIMEOUT_S": "2"}
+    if broker == "redis":
+        env["REDIS_URL"] = redis.url
+    process = ChatbotProcess(env).start()
+    first, second, third = reply_chunks("emoji", 3)
+    expected = first + "\U0001f600" + second + third + "\ufffd"
+    try:
+
+        async def neighbour() -> list[dict]:
+            async with websockets.connect(process.ws_url) as ws:
+                await _ready(ws)
+                slow = "slow [[fake:chunks=30]] [[fake:interval_ms=30]]"
+                await ws.send(json.dumps({"type": "message", "text": slow}))
+                return await _frames_until_done(ws)
+
+        watching = asyncio.create_task(neighbour())
+        async with asyncio.timeout(TIMEOUT_S):
+            async with websockets.connect(process.ws_url) as ws:
+                session = (await _ready(ws))["session"]
+                for _ in range(3):  # while the neighbour's reply streams
+                    await ws.send(
+                        json.dumps({"type": "message", "text": "emoji [[fake:surrogates]]"})
+                    )
+                    live = await _frames_until_done(ws)
+                    assert text_of(live) == expected
+                    assert live[-1]["reason"] == "stop"
+            # The session is not bricked: a replay of the log sends the same text.
+            async with websockets.connect(f"{process.ws_url}?session={session}&after=0") as ws:
+                await _ready(ws)
+                replayed = [f for _ in range(3) for f in await _frames_until_done(ws)]
+            assert text_of(replayed) == 3 * expected
+        neighbours = await watching
+        assert text_of(neighbours) == reply_text("slow", 30)
+        assert "Traceback" not in process.output()
+    finally:
+        process.stop()

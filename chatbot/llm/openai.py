@@ -41,7 +41,7 @@ import openai
 from ..errors import UpstreamError
 from ..settings import Settings
 from ..watchdog import Watchdog
-from .base import Message
+from .base import Message, TextMender
 from .breaker import BreakerStatus, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class OpenAIReply:
         started = False
         pending = b""  # an unfinished line
         ended = False
+        mend = TextMender()
         try:
             body = self._response.content
             while data := await body.readany():  # what has arrived; b"" at the end
@@ -132,19 +133,22 @@ class OpenAIReply:
                         self.finish_reason = finish_reason
                     if content:
                         pieces.append(content)
-                if pieces:
+                text = mend("".join(pieces))
+                if text:
                     if not started:
                         started = True
                         self._on_first_token()
                     # The deadline covers only the wait for the service, never our
                     # consumer's work (which may ride out a broker outage).
                     watchdog.pause()
-                    yield "".join(pieces)
+                    yield text
                     watchdog.move_to(loop.time() + self._idle_timeout_s)
                 if ended:
                     break
             self.finished = True
             watchdog.pause()  # the stream is over: closing it is not waiting on the service
+            if text := mend.flush():
+                yield text
         except asyncio.CancelledError:
             if watchdog.expired():
                 raise (
