@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from hypercorn.config import Config
 
-from . import logs
+from . import logs, metrics
 from .errors import SettingsError
 from .settings import Settings
 
@@ -156,6 +156,7 @@ async def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    metrics.time_gc()
 
 
 def _quiet_cancelled_connections(

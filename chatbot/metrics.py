@@ -9,6 +9,7 @@ kept in step by hand.
 
 from __future__ import annotations
 
+import gc
 import time
 import weakref
 from collections.abc import Iterable, Iterator
@@ -86,6 +87,20 @@ OVERLOADED = Counter(
     "Messages refused with `overloaded`: every reply slot and queue place was taken.",
 )
 
+GC_PAUSE = Histogram(
+    "chatbot_gc_pause_seconds",
+    "Pauses of Python's cyclic garbage collector (wall clock), by the generation collected: "
+    "every socket of the process waits them out.",
+    ["generation"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+GC_PAUSE_MAX = Gauge(
+    "chatbot_gc_pause_max_seconds",
+    "Longest collector pause since start, by generation; `clock=cpu` is the CPU the collection "
+    "took, which other programs on the machine cannot lengthen.",
+    ["generation", "clock"],
+)
+
 for _reason in get_args(DoneReason):
     REPLIES_FINISHED.labels(reason=_reason)  # every reason is exported, at 0 until it happens
 
@@ -138,6 +153,36 @@ class ReplyTimer:
             elapsed = time.monotonic() - self._first
             if elapsed > 0:
                 DELTAS_PER_SECOND.observe((self._deltas - 1) / elapsed)
+
+
+class _GCTimer:
+    """A `gc.callbacks` entry timing every collection (two clock reads a collection, which
+    happen a few times a second at most)."""
+
+    def __init__(self) -> None:
+        self._started = (0.0, 0.0)
+        self._worst: dict[tuple[int, str], float] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = (time.perf_counter(), time.thread_time())
+            return
+        wall, cpu = time.perf_counter() - self._started[0], time.thread_time() - self._started[1]
+        generation = info["generation"]
+        GC_PAUSE.labels(generation=str(generation)).observe(wall)
+        for clock, pause in (("wall", wall), ("cpu", cpu)):
+            if pause > self._worst.get((generation, clock), -1.0):
+                self._worst[generation, clock] = pause
+                GC_PAUSE_MAX.labels(generation=str(generation), clock=clock).set(pause)
+
+
+_gc_timer = _GCTimer()
+
+
+def time_gc() -> None:
+    """Time the collector's pauses from now on (`chatbot serve` calls it once started up)."""
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
 
 
 class _ServiceCollector:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import logging
 import sys
@@ -47,6 +48,8 @@ FAMILIES = [
     "chatbot_slow_reader_closes",
     "chatbot_overloaded",
     "chatbot_broker_reconnects",
+    "chatbot_gc_pause_seconds",
+    "chatbot_gc_pause_max_seconds",
 ]
 
 
@@ -195,6 +198,31 @@ async def test_the_redis_canary_round_trip_is_measured(
         after = await scrape(app)
     lag = moved(before, after, "chatbot_pubsub_canary_lag_seconds_sum")
     assert 0 <= lag < 5
+
+
+def test_collector_pauses_are_timed_by_generation() -> None:
+    """`chatbot serve` times every collection once started: the pause histogram and the worst
+    pause, on the wall clock and in CPU, per generation."""
+    before = parse(metrics.scrape().decode())
+    metrics.time_gc()
+    metrics.time_gc()  # once is enough: a second call adds no second timer
+    try:
+        garbage = [[n] for n in range(10_000)]
+        for item in garbage:
+            item.append(item)  # cycles only the collector frees
+        del garbage, item
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(metrics._gc_timer)
+    assert metrics._gc_timer not in gc.callbacks
+    after = parse(metrics.scrape().decode())
+    for generation in ("0", "2"):
+        assert moved(before, after, "chatbot_gc_pause_seconds_count", generation=generation) >= 1
+        assert moved(before, after, "chatbot_gc_pause_seconds_sum", generation=generation) > 0
+        for clock in ("wall", "cpu"):
+            labels = {"generation": generation, "clock": clock}
+            assert value(after, "chatbot_gc_pause_max_seconds", **labels) > 0
 
 
 def test_rate_limit_refusals_are_counted_by_scope() -> None:
