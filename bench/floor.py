@@ -92,15 +92,16 @@ def main() -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from chatbot.cli import LISTEN_BACKLOG, decline_permessage_deflate, run
+    from chatbot import hypercorn_fixes
+    from chatbot.cli import LISTEN_BACKLOG, run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8003)
     args = parser.parse_args()
 
-    decline_permessage_deflate()
     config = Config()
+    hypercorn_fixes.install(config.websocket_max_message_size, deflate=False)
     config.bind = [f"{args.host}:{args.port}"]
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None

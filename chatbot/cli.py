@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from hypercorn.config import Config
 
-from . import logs, metrics
+from . import hypercorn_fixes, logs, metrics
 from .errors import SettingsError
 from .settings import Settings
 
@@ -92,27 +92,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config.graceful_timeout = 1.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our handler and format
-    if not settings.ws_permessage_deflate:
-        decline_permessage_deflate()
+    # The frame limit, deflate and ping fixes live where Hypercorn reads the bytes.
+    hypercorn_fixes.install(settings.ws_max_message_bytes, deflate=settings.ws_permessage_deflate)
     return config
-
-
-def decline_permessage_deflate() -> None:
-    """Make Hypercorn decline permessage-deflate, which it accepts whenever a client offers it
-    (the extension is hard-coded in hypercorn/protocol/ws_stream.py; no setting turns it off).
-
-    Compression keeps two zlib contexts per socket, ~90 KiB of an idle socket's ~145 KiB, and
-    costs CPU on every frame, while chat frames are small (docs/benchmarks.md). Lean by default;
-    WS_PERMESSAGE_DEFLATE=true keeps it for clients on slow links.
-    """
-    from hypercorn.protocol import ws_stream
-    from wsproto.extensions import PerMessageDeflate
-
-    class DeclinedDeflate(PerMessageDeflate):
-        def accept(self, offer: str) -> None:
-            return None
-
-    ws_stream.PerMessageDeflate = DeclinedDeflate  # type: ignore[misc]
 
 
 async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:

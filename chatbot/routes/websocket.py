@@ -24,6 +24,7 @@ from ..chat.feed import Feed
 from ..chat.limits import client_ip
 from ..chat.service import ChatService
 from ..errors import BrokerUnavailable, ClientError, RateLimited, SessionExpired
+from ..hypercorn_fixes import ACTIVITY
 from ..protocol import CloseCode
 from ..watchdog import Watchdog
 from .access import token_ok
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 PATH = "/ws"
 # Bound on closing a socket and on stopping its jobs: a stalled peer or a stuck job lets go.
 CLOSE_TIMEOUT_S = 2.0
+ACTIVITY_TYPE = ACTIVITY["type"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -71,8 +73,9 @@ class Client:
     async def send(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
 
-    async def receive(self) -> str | bytes:
-        """The next frame's text (or bytes); `ClientGone` once the client has left."""
+    async def receive(self) -> str | bytes | None:
+        """The next frame's text (or bytes), None for a WebSocket ping or pong from the client
+        (`hypercorn_fixes.ACTIVITY`); `ClientGone` once the client has left."""
         while True:
             message = await self._receive()
             kind = message["type"]
@@ -81,6 +84,8 @@ class Client:
                 return text if text is not None else (message.get("bytes") or b"")
             if kind == "websocket.disconnect":
                 raise ClientGone
+            if kind == ACTIVITY_TYPE:
+                return None
             # `websocket.connect` comes first from a server (not from Quart's test client):
             # the handshake is answered by accept() or refuse().
 
@@ -261,8 +266,8 @@ async def _receive_all(
     client: Client, feed: Feed, service: ChatService, session: str, ip: str
 ) -> bool:
     """Handle client frames until the client leaves (True) or has been silent for
-    WS_IDLE_TIMEOUT_S (False: a peer that neither speaks nor pings is taken for dead;
-    Hypercorn's pings get no say, as it never checks their pongs)."""
+    WS_IDLE_TIMEOUT_S (False: a peer that neither speaks nor pings is taken for dead). A
+    WebSocket pong (the answer to the server's pings) or ping counts as speaking."""
     max_chars = service.settings.max_message_chars
     idle_s = service.settings.ws_idle_timeout_s or math.inf
     loop = asyncio.get_running_loop()
@@ -270,8 +275,9 @@ async def _receive_all(
     try:
         while True:
             raw = await client.receive()
-            watchdog.pause()  # only the client's silence counts, not our work on its frame
-            await _handle(raw, feed, service, session, ip, max_chars)
+            if raw is not None:
+                watchdog.pause()  # only the client's silence counts, not our work on its frame
+                await _handle(raw, feed, service, session, ip, max_chars)
             watchdog.move_to(loop.time() + idle_s)
     except ClientGone:
         return True

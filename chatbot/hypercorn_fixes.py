@@ -1,0 +1,257 @@
+"""Fixes to Hypercorn's WebSocket stream (and wsproto under it), at the layer that reads the bytes.
+
+Hypercorn 0.18 has no setting for any of these (docs/security.md lists the attacks):
+
+- **Frame size.** Hypercorn checks `websocket_max_message_size` only after a message chunk is
+  buffered, then sends 1009 and goes on buffering (and reading) the rest of the frame: one
+  100 MB frame cost the process ~98 MiB, never returned, and the client never saw the close.
+  `EdgeGuard` refuses a frame when its *header* (or the running total of its message's
+  fragments) passes the limit, before a byte of its payload is read.
+- **Deflate bombs.** wsproto inflates a compressed frame whole (`decompress(data)` without a
+  bound): a 60 KB frame of zeros becomes 60 MB. `EdgeGuard` inflates at most the limit, +1 byte.
+- **Refusals without a close frame.** For a frame wsproto refuses (too big, bad UTF-8, a protocol
+  error), Hypercorn drops the connection with no close frame (the client sees 1006).
+  `_handle_events` sends the close frame with its code, then stops reading.
+- **Closed sockets kept for a ping interval.** Hypercorn's ping loop sleeps a whole
+  `websocket_ping_interval` (20 s) before it notices its socket closed, and the connection's task
+  group, descriptor and memory wait for it. `_send_pings` wakes when the stream closes.
+- **Pongs are dropped.** A client that only listens (answering our pings) looked idle to the app.
+  Every ping or pong received is passed on as an `ACTIVITY` message.
+- **permessage-deflate is always offered**; `EdgeGuard` declines it unless asked to accept it.
+
+Each fix replaces a Hypercorn method or wsproto hook whose source was read for this; `install`
+checks those sources' fingerprints and refuses to start on a version they no longer match, so
+an upgrade cannot silently undo a fix (tests/test_hypercorn_fixes.py tells which one moved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+from typing import Any, ClassVar
+
+from hypercorn.protocol import ws_stream
+from hypercorn.protocol.events import Data, StreamClosed
+from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping, Pong
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, Opcode, RsvBits
+
+# What the app receives for a ping or pong from the client: proof of life, not a message.
+ACTIVITY: dict[str, Any] = {"type": "chatbot.websocket.activity"}
+# How long a connection whose frame was refused stays open for its close frame to be read.
+REFUSAL_LINGER_S = 1.0
+
+# sha256 (first 16 hex digits) of the upstream source each fix replaces or relies on, as read
+# in hypercorn 0.18.0 and wsproto 1.3.2. A mismatch means: read the new source, re-check the fix.
+FINGERPRINTS = {
+    "hypercorn WSStream._handle_events": "b90f3f595ff9fd47",
+    "hypercorn WSStream._send_pings": "4721ce45cbdf91e6",
+    "hypercorn WSStream.handle": "743209f49012b8c7",
+    "hypercorn Handshake.accept": "e163533bf7919793",
+    "wsproto FrameDecoder.process_buffer": "f19287e506f3178b",
+    "wsproto FrameDecoder.parse_header": "ea1c4e4acf5fa1b3",
+}
+
+
+def _upstream() -> dict[str, Any]:
+    return {
+        "hypercorn WSStream._handle_events": _ORIGINAL["_handle_events"],
+        "hypercorn WSStream._send_pings": _ORIGINAL["_send_pings"],
+        "hypercorn WSStream.handle": _ORIGINAL["handle"],
+        "hypercorn Handshake.accept": Handshake.accept,
+        "wsproto FrameDecoder.process_buffer": FrameDecoder.process_buffer,
+        "wsproto FrameDecoder.parse_header": FrameDecoder.parse_header,
+    }
+
+
+def fingerprint(function: Any) -> str:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
+def changed_upstream() -> list[str]:
+    """The upstream functions whose source no longer matches the one the fixes were written for."""
+    return [name for name, fn in _upstream().items() if fingerprint(fn) != FINGERPRINTS[name]]
+
+
+class UnsupportedUpstream(RuntimeError):
+    """Hypercorn or wsproto changed where chatbot patches them."""
+
+
+def install(max_message_bytes: int, *, deflate: bool) -> None:
+    """Apply every fix, for frames of at most `max_message_bytes` (after inflating), accepting
+    permessage-deflate only when `deflate`. Idempotent; the last call's limits win."""
+    changed = changed_upstream()
+    if changed:
+        raise UnsupportedUpstream(
+            "chatbot/hypercorn_fixes.py was written for hypercorn 0.18.0 and wsproto 1.3.2; "
+            f"these changed since: {', '.join(changed)}. Pin the old versions or review the fixes."
+        )
+    # Hypercorn builds its extensions in `Handshake.accept` as `[PerMessageDeflate()]`, by this
+    # module-level name: a fresh guard per connection.
+    ws_stream.PerMessageDeflate = type(  # type: ignore[misc]
+        "EdgeGuard", (EdgeGuard,), {"max_bytes": max_message_bytes, "deflate": deflate}
+    )
+    WSStream._handle_events = _handle_events  # type: ignore[method-assign]
+    WSStream._send_pings = _send_pings  # type: ignore[method-assign]
+    WSStream.handle = _handle  # type: ignore[method-assign]
+
+
+class EdgeGuard(PerMessageDeflate):
+    """Always in wsproto's frame path (enabled whether or not compression was negotiated):
+    refuses an oversized frame on its header, bounds inflation, and compresses only when
+    negotiated (and allowed)."""
+
+    max_bytes: ClassVar[int]
+    deflate: ClassVar[bool]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._message_bytes = 0  # on the wire, of the current message's finished frames
+        self._frame_bytes = 0  # declared by the current frame's header
+        self._control = False  # the current frame is a control frame (inside a message or not)
+        self._inflated = 0  # of the current message
+
+    def enabled(self) -> bool:
+        return True
+
+    def accept(self, offer: str) -> bool | str | None:
+        return super().accept(offer) if self.deflate else None
+
+    def frame_inbound_header(
+        self, proto: Any, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        # wsproto calls this again for the same header when the masking key had not arrived
+        # yet: only the frame's completion adds it to the message's total.
+        self._control = opcode.iscontrol()
+        if not self._control:
+            if opcode is not Opcode.CONTINUATION:
+                self._message_bytes = self._inflated = 0
+            self._frame_bytes = payload_length
+            if self._message_bytes + payload_length > self.max_bytes:
+                return CloseReason.MESSAGE_TOO_BIG
+        if not self._enabled:  # compression not negotiated: no reserved bit is ours
+            return RsvBits(False, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not (self._enabled and self._inbound_compressed and self._inbound_is_compressible):
+            return data
+        assert self._decompressor is not None
+        try:  # at most one byte past what is left of the limit: enough to know it is passed
+            inflated = self._decompressor.decompress(
+                bytes(data), self.max_bytes - self._inflated + 1
+            )
+        except Exception:  # zlib.error
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        return self._count(inflated)
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        if not self._control:
+            self._message_bytes += self._frame_bytes
+        if not self._enabled:
+            return None
+        # Everything the frame's payload inflated to was within the limit (or refused), so
+        # the sync-flush trailer upstream inflates here releases at most zlib's small buffer.
+        tail = super().frame_inbound_complete(proto, fin)
+        return self._count(tail) if isinstance(tail, bytes) else tail
+
+    def _count(self, inflated: bytes) -> bytes | CloseReason:
+        self._inflated += len(inflated)
+        return CloseReason.MESSAGE_TOO_BIG if self._inflated > self.max_bytes else inflated
+
+    def frame_outbound(
+        self, proto: Any, opcode: Opcode, rsv: RsvBits, data: bytes, fin: bool
+    ) -> tuple[RsvBits, bytes]:
+        if not self._enabled:
+            return (rsv, data)
+        return super().frame_outbound(proto, opcode, rsv, data, fin)
+
+
+_ORIGINAL = {name: getattr(WSStream, name) for name in ("_handle_events", "_send_pings", "handle")}
+
+
+async def _handle_events(self: WSStream) -> None:
+    """Hypercorn's `WSStream._handle_events`, with refusals closed properly and pongs passed on."""
+    assert self.app_put is not None
+    for event in self.connection.events():
+        if isinstance(event, Message):
+            try:
+                self.buffer.extend(event)
+            except FrameTooLargeError:  # (EdgeGuard refuses such a message first)
+                await _refuse(self, CloseReason.MESSAGE_TOO_BIG)
+                break
+            if event.message_finished:
+                await self.app_put(self.buffer.to_message())
+                self.buffer.clear()
+        elif isinstance(event, Ping):
+            await self._send_wsproto_event(event.response())
+            await self.app_put(ACTIVITY)
+        elif isinstance(event, Pong):
+            await self.app_put(ACTIVITY)
+        elif isinstance(event, CloseConnection):
+            if self.connection.state is ConnectionState.OPEN:
+                # Not the peer's close: wsproto refused a frame (ParseFailed) and says why.
+                await _refuse(self, event.code, event.reason)
+                break
+            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                await self._send_wsproto_event(event.response())
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+async def _refuse(self: WSStream, code: int, reason: str | None = None) -> None:
+    """Close with `code` and read no more of the connection: what the client still sends (the
+    rest of a 300 MB frame) is dropped unparsed, for at most REFUSAL_LINGER_S. The connection is
+    not cut at once because a client still sending would get a reset before reading the close
+    frame, and see 1006 instead of why."""
+    if code == CloseReason.MESSAGE_TOO_BIG:
+        limit = getattr(ws_stream.PerMessageDeflate, "max_bytes", self.buffer.max_length)
+        reason = f"message too big: at most {limit} bytes"
+    # A close frame's reason is at most 123 bytes of UTF-8.
+    reason = (reason or "").encode()[:120].decode(errors="ignore")
+    await self._send_wsproto_event(CloseConnection(code=code, reason=reason))
+    self._chatbot_refused = True  # type: ignore[attr-defined]
+    assert self.app_put is not None
+    await self.app_put({"type": "websocket.disconnect", "code": code})
+    self.task_group.spawn(_linger, self)
+
+
+async def _linger(self: WSStream) -> None:
+    """End a refused stream once the client has closed, or after REFUSAL_LINGER_S."""
+    await _sleep_unless_closed(self, REFUSAL_LINGER_S)
+    if not self.closed:
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+async def _send_pings(self: WSStream) -> None:
+    """Hypercorn's ping loop, woken as soon as the stream closes instead of a ping interval
+    later."""
+    while not self.closed:
+        await self._send_wsproto_event(Ping())
+        await _sleep_unless_closed(self, self.config.websocket_ping_interval)
+
+
+async def _handle(self: WSStream, event: Any) -> None:
+    if isinstance(event, Data) and getattr(self, "_chatbot_refused", False):
+        return  # the rest of a refused connection: dropped unread
+    await _ORIGINAL["handle"](self, event)
+    if self.closed:
+        for waiter in getattr(self, "_chatbot_sleepers", ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+async def _sleep_unless_closed(self: WSStream, seconds: float) -> None:
+    """Sleep `seconds`, or until the stream closes (one timer, no task)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    sleepers: set[asyncio.Future[None]] = self.__dict__.setdefault("_chatbot_sleepers", set())
+    sleepers.add(waiter)
+    timer = loop.call_later(seconds, lambda: waiter.done() or waiter.set_result(None))
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        sleepers.discard(waiter)
