@@ -213,8 +213,8 @@ async def _refuse(self: WSStream, code: int, reason: str | None = None) -> None:
     reason = (reason or "").encode()[:120].decode(errors="ignore")
     await self._send_wsproto_event(CloseConnection(code=code, reason=reason))
     self._chatbot_refused = True  # type: ignore[attr-defined]
-    assert self.app_put is not None
-    await self.app_put({"type": "websocket.disconnect", "code": code})
+    # The app hears of it when the stream ends: were it told now, its return would end the
+    # stream at once, and the reset race the close frame.
     self.task_group.spawn(_linger, self)
 
 
