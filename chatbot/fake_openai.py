@@ -115,6 +115,7 @@ class Behaviour:
     # LiteLLM's proxy and llama.cpp's server do: a client that stops reading at `[DONE]` then
     # leaves the body unfinished, and its HTTP client cannot pool the connection.
     end_apart_ms: int | None = None
+    close: bool = False  # answer with `Connection: close`: every request on a new connection
 
     def merged(self, options: dict[str, Any]) -> Behaviour:
         """A copy with `options` (directive or config values, validated here) applied."""
@@ -128,7 +129,7 @@ _CLEARABLE = frozenset({"status", "retry_after", "cut", "malformed", "hang_after
 def _coerce(key: str, value: Any) -> Any:
     if key not in _KEYS:
         raise DirectiveError(f"unknown fake option {key!r}; expected one of {sorted(_KEYS)}")
-    if key in ("hang", "surrogates"):  # a bare `[[fake:hang]]` arrives as None
+    if key in ("hang", "surrogates", "close"):  # a bare `[[fake:hang]]` arrives as None
         return value is None or value is True or str(value).lower() in ("1", "true")
     if value is None and key in _CLEARABLE:
         return None  # lets /_fake/config clear a failure mode
@@ -215,8 +216,10 @@ class _Exchange:
     ) -> None:
         await self.send_json(status, _error_body(status, message, code), **kw)
 
-    async def start_stream(self, first: bytes) -> None:
+    async def start_stream(self, first: bytes, *, close: bool = False) -> None:
         head = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        if close:
+            head.append(("connection", "close"))
         await self._write(self._response(200, head), h11.Data(data=first))
 
     async def send_data(self, data: bytes, *, end: bool = False) -> None:
@@ -304,6 +307,7 @@ class FakeOpenAI:
             ("POST", "/v1/chat/completions"): self._chat,
             ("GET", "/v1/models"): self._models,
             ("GET", "/_fake/requests"): self._list_requests,
+            ("GET", "/_fake/stats"): self._stats,
             ("POST", "/_fake/reset"): self._reset,
             ("GET", "/_fake/config"): self._config,
             ("POST", "/_fake/config"): self._config,
@@ -550,7 +554,8 @@ class FakeOpenAI:
             return None if option is None else min(option, len(r.pieces))
 
         cut, malformed, hang_after = at(r.opts.cut), at(r.opts.malformed), at(r.opts.hang_after)
-        await ex.start_stream(r.chunks.delta({"role": "assistant", "content": ""}, None))
+        first = r.chunks.delta({"role": "assistant", "content": ""}, None)
+        await ex.start_stream(first, close=r.opts.close)
         for k in range(len(r.pieces) + 1):
             if k == malformed:
                 await ex.send_data(b"data: {not json\n\n")
@@ -605,6 +610,10 @@ class FakeOpenAI:
 
     async def _list_requests(self, ex: _Exchange) -> None:
         await ex.send_json(200, self.requests)
+
+    async def _stats(self, ex: _Exchange) -> None:
+        stats = {"connections_accepted": self.connections_accepted, "requests": len(self.requests)}
+        await ex.send_json(200, stats)
 
     async def _get_request(self, ex: _Exchange) -> None:
         try:

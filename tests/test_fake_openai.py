@@ -268,6 +268,8 @@ async def test_control_endpoints_long_poll_configure_and_reset(
 
         listed = await control.get("/_fake/requests")
         assert [r["id"] for r in listed.json()] == [1]
+        stats = (await control.get("/_fake/stats")).json()
+        assert stats == {"connections_accepted": fake.connections_accepted, "requests": 1}
         missing = await control.get("/_fake/requests/2?wait=exists&timeout_s=0.05")
         assert missing.status_code == 408 and "error" in missing.json()
         assert (await control.post("/_fake/config", json={"cut": "x"})).status_code == 400

@@ -115,6 +115,21 @@ async def test_a_body_that_never_ends_is_closed_not_pooled(upstream: FakeOpenAI)
         await model.close()
 
 
+async def test_an_upstream_that_closes_its_connections_costs_one_per_reply(
+    upstream: FakeOpenAI,
+) -> None:
+    """The cold pool `bench.run` compares against: `Connection: close` from the server."""
+    upstream.configure(close=True)
+    model = OpenAIModel(settings_for(upstream))
+    try:
+        for k in range(3):
+            assert await one_reply(model, f"c{k}") == reply_text(f"c{k}", 5)
+            await settled(model)
+        assert upstream.connections_accepted == 3
+    finally:
+        await model.close()
+
+
 async def test_a_chat_over_https_reuses_its_connection(
     app_with: AppFactory, upstream: FakeOpenAI
 ) -> None:
