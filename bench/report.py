@@ -297,7 +297,8 @@ class Report:
         matching = self.find(
             mode="ws", pattern=pattern, shape=shape, compression=compression, server_deflate=False
         )
-        order = {"chatbot": 0, "chatbot-redis": 1, "peer": 2, "floor": 3}
+        order = {"chatbot": 0, "chatbot-redis": 1, "chatbot-https": 2, "chatbot-https-cold": 3}
+        order |= {"chatbot-2w": 4, "peer": 5, "floor": 6}
         for r in sorted(matching, key=lambda r: (order.get(r["system"], 9), r["n"])):
             peer = self.one(
                 system="peer",
@@ -336,6 +337,8 @@ class Report:
                 _ratio(r["cpu_per_reply_ms"], peer and peer["cpu_per_reply_ms"]),
                 _num(r["client_cpu_pct"], 0),
                 _num(r.get("other_cpu_pct"), 0),
+                _ms(r.get("gc_worst_s")),
+                _num(r.get("upstream_connections"), 0),
             ]
             rows.append(cells)
         header = ["system", "N", "wall s", "TTFD overhead p50 (ms)", "p99 (ms)"]
@@ -351,6 +354,8 @@ class Report:
             "CPU/reply \u00d7 peer",
             "client+fake CPU %",
             "other CPU %",
+            "worst GC pause (ms)",
+            "upstream connections",
         ]
         return _table(header, rows)
 

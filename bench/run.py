@@ -13,7 +13,18 @@ Systems: ``upstream`` (no server: the load generator streams from the fake direc
 (`bench.flask_app` under ``gunicorn -w 4``, HTTP only), ``chatbot`` (one Hypercorn process,
 in-process broker), ``chatbot-redis`` (the same with REDIS_URL on the local redis-server, a
 dedicated db flushed before each scenario), ``peer`` (`bench.fastapi_peer` on uvicorn) and
-``floor`` (`bench.floor`: a bare relay on chatbot's own stack, the least it can cost).
+``floor`` (`bench.floor`: a bare relay on chatbot's own stack, the least it can cost). Beside
+them: ``chatbot-https`` (the upstream over https with a throwaway self-signed certificate,
+trusted through SSL_CERT_FILE; the pool stays warm), ``chatbot-https-cold`` (the same upstream
+answering `Connection: close`, so every reply opens a TCP + TLS connection) and ``chatbot-2w``
+(``--workers 2`` with Redis, not pinned: its workers share both cores with the load generator).
+
+    python -m bench.run --only chatbot:steady:1000 --only chatbot-https:steady:100
+
+runs just those scenarios (``SYSTEM:PATTERN:N[:SHAPE]``), prints their rows and writes them as
+JSON, not the report. Every chatbot row carries the worst GC pause the server's `/metrics`
+recorded (`chatbot_gc_pause_max_seconds`, wall clock and CPU, and the young generation's) and
+the upstream connections the fake accepted during the load.
 
 By default the server under test is pinned to CPU 0 and the fake upstream and load generator to
 the other CPUs, so the server has a core of its own, as it would in production, and the client
@@ -29,6 +40,7 @@ import os
 import selectors
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,6 +49,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from chatbot.fake_openai import self_signed_certificate
 
 from . import procs
 from .procs import ROOT, Server, Usage, free_port, machine_busy_s, python
@@ -59,6 +73,9 @@ SHAPES = {
 DEFAULT_LEVELS = (100, 1000)
 DEFAULT_LADDER = (20, 30, 50, 70, 150, 200, 300, 500, 700, 1500, 2000, 3000, 4000, 5000)
 REDIS_DB = 13
+HTTPS = ("chatbot-https", "chatbot-https-cold")
+WORKERS = {"chatbot-2w": 2}
+GC_SCRAPES = 8  # a `--workers` server answers /metrics from any worker: ask a few times
 
 
 # --quick: the same first-token time, fewer chunks, so a reply takes well under a second.
@@ -108,11 +125,23 @@ class Bench:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def fake(self, shape: str) -> Server:
-        if shape not in self.fakes:
+    @property
+    def certificate(self) -> Path:
+        """The https upstream's certificate (made once per run; its key beside it)."""
+        cert = self.run_dir / "cert.pem"
+        if not cert.exists():
+            self_signed_certificate(self.run_dir)
+        return cert
+
+    def fake(self, shape: str, tls: bool = False) -> Server:
+        key = f"{shape}-tls" if tls else shape
+        if key not in self.fakes:
             ttft, chunks, interval = self.shapes[shape]
             port = free_port()
             argv = [python(), "-m", "chatbot.fake_openai", "--port", str(port)]
+            if tls:
+                argv += ["--tls-cert", str(self.certificate)]
+                argv += ["--tls-key", str(self.run_dir / "key.pem")]
             argv += [
                 "--ttft-ms",
                 str(ttft),
@@ -122,19 +151,30 @@ class Bench:
                 str(interval),
             ]
             server = Server(
-                f"fake-{shape}",
+                f"fake-{key}",
                 argv,
                 port=port,
                 log_dir=self.run_dir,
                 cpus=self.client_cpus,
-                health_path="/v1/models",
+                health_path=None if tls else "/v1/models",  # it listens once it serves
             )
-            self.fakes[shape] = server.start()
-        return self.fakes[shape]
+            self.fakes[key] = server.start()
+        return self.fakes[key]
+
+    def fake_call(self, fake: Server, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A control call (`/_fake/...`) to `fake`, over https when it serves https."""
+        tls = fake.name.endswith("-tls")
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{fake.port}{path}"
+        data = None if body is None else json.dumps(body).encode()
+        context = ssl.create_default_context(cafile=self.certificate) if tls else None
+        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+        with urllib.request.urlopen(request, timeout=5, context=context) as reply:
+            return json.loads(reply.read())
 
     def server(self, system: str, fake: Server, port: int, deflate: bool = False) -> Server | None:
+        scheme = "https" if system in HTTPS else "http"
         upstream = {
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{fake.port}/v1",
+            "OPENAI_BASE_URL": f"{scheme}://127.0.0.1:{fake.port}/v1",
             "OPENAI_API_KEY": "sk-bench",
         }
         common = {"log_dir": self.run_dir, "port": port, "cpus": self.server_cpus}
@@ -144,14 +184,19 @@ class Bench:
             argv = [python(), "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}"]
             argv += ["--backlog", "2048", "bench.flask_app:app"]
             return Server("flask", argv, env=upstream, health_path="/", **common).start()
-        if system in ("chatbot", "chatbot-redis"):
+        if system.startswith("chatbot"):
             env = {**upstream, "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_GRACE_S": "2"}
             if deflate:
                 env["WS_PERMESSAGE_DEFLATE"] = "true"
-            if system == "chatbot-redis":
+            if system in HTTPS:
+                env["SSL_CERT_FILE"] = str(self.certificate)
+            if system == "chatbot-redis" or system in WORKERS:
                 env["REDIS_URL"] = f"redis://127.0.0.1:6379/{REDIS_DB}"
                 self._flush_redis()
             argv = [python(), "-m", "chatbot", "serve"]
+            if system in WORKERS:  # every core: not pinned to the server's one
+                argv += ["--workers", str(WORKERS[system])]
+                common["cpus"] = None
             return Server(system, argv, env=env, **common).start()
         if system == "peer":
             argv = [python(), "-m", "uvicorn", "bench.fastapi_peer:app", "--port", str(port)]
@@ -233,10 +278,12 @@ class Bench:
     def _drive(self, sc: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
         """Start the load generators (they import meanwhile), the server, warm up, sample the
         server's usage, run the load, sample again."""
-        if sc.system == "chatbot-redis" and not self.redis_ok:
+        if (sc.system == "chatbot-redis" or sc.system in WORKERS) and not self.redis_ok:
             raise RuntimeError("no redis-server answers on 127.0.0.1:6379")
-        fake = self.fake(sc.shape)
-        _post(f"http://127.0.0.1:{fake.port}/_fake/reset")
+        fake = self.fake(sc.shape, tls=sc.system in HTTPS)
+        self.fake_call(fake, "/_fake/reset", {})
+        if sc.system == "chatbot-https-cold":
+            self.fake_call(fake, "/_fake/config", {"close": True})
         port = free_port()
         shape = self.shapes[sc.shape]
         spread = reply_s(shape) if sc.pattern == "steady" else 0.0
@@ -275,6 +322,8 @@ class Bench:
             for proc in procs:
                 _expect(proc, "ready", 60)
             before = server.usage() if server else None
+            gc_before = _gc_stats(port) if sc.system.startswith("chatbot") else None
+            connections_before = self.fake_call(fake, "/_fake/stats")["connections_accepted"]
             fake_before = fake.usage()
             redis_before = self._redis_usage() if sc.system == "chatbot-redis" else None
             busy_before, window_start = machine_busy_s(), time.monotonic()
@@ -299,6 +348,11 @@ class Bench:
             usage["window_s"] = time.monotonic() - window_start
             after = server.usage() if server else None
             fake_after = fake.usage()
+            connections = self.fake_call(fake, "/_fake/stats")["connections_accepted"]
+            # Less the connection of this very call.
+            usage["upstream_connections"] = connections - connections_before - 1
+            if gc_before is not None:
+                usage.update(_gc_window(gc_before, _gc_stats(port)))
             if spy is not None:
                 spy.wait(timeout=60)
             redis_after = self._redis_usage() if redis_before is not None else None
@@ -386,6 +440,46 @@ class Bench:
             self.run(Scenario("upstream", "upstream", pattern, n, shape=shape, messages=messages))
 
 
+def _gc_stats(port: int) -> dict[str, float]:
+    """The GC figures of a chatbot server's /metrics: collections and pause time so far, and
+    the worst pauses (the highest over a few scrapes: each may reach another worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stats: dict[str, float] = {}
+    for _ in range(GC_SCRAPES):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "chatbot_gc_pause_max_seconds":
+                    key = f"max_{labels['clock']}_{labels['generation']}"
+                elif sample.name == "chatbot_gc_pause_seconds_count":
+                    key = f"count_{labels['generation']}"
+                elif sample.name == "chatbot_gc_pause_seconds_sum":
+                    key = f"sum_{labels['generation']}"
+                else:
+                    continue
+                stats[key] = max(stats.get(key, 0.0), sample.value)
+    return stats
+
+
+def _gc_window(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What a scenario's load cost in GC: collections and pause seconds by generation, and the
+    worst pauses (since the server started: the warm-up before the load is a few exchanges)."""
+    gens = ("0", "1", "2")
+    return {
+        "gc_collections": [after.get(f"count_{g}", 0) - before.get(f"count_{g}", 0) for g in gens],
+        "gc_pause_s": sum(after.get(f"sum_{g}", 0) - before.get(f"sum_{g}", 0) for g in gens),
+        "gc_worst_s": max((after.get(f"max_wall_{g}", 0.0) for g in gens), default=0.0),
+        "gc_worst_cpu_s": max((after.get(f"max_cpu_{g}", 0.0) for g in gens), default=0.0),
+        "gc_worst_young_s": after.get("max_wall_0", 0.0),
+    }
+
+
 def _spawn_client(
     argv: list[str], cpus: frozenset[int] | None, run_dir: Path
 ) -> subprocess.Popen[str]:
@@ -437,12 +531,6 @@ def _say(proc: subprocess.Popen[str], word: str) -> None:
     proc.stdin.flush()
 
 
-def _post(url: str) -> None:
-    request = urllib.request.Request(url, data=b"{}", method="POST")
-    with urllib.request.urlopen(request, timeout=5):
-        pass
-
-
 def _line(row: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:.0f}ms"
@@ -457,6 +545,11 @@ def _line(row: dict[str, Any]) -> str:
         f"first p99 {ms(row['first_text_p99_s'])} total p99 {ms(row['total_p99_s'])}",
         f"cpu {cpu:.2f}s" if cpu is not None else "",
         f"{row['deltas_per_reply']:.1f} deltas/reply" if row.get("deltas_per_reply") else "",
+        f"upstream conns {row['upstream_connections']}" if "upstream_connections" in row else "",
+        f"gc worst {ms(row['gc_worst_s'])} (cpu {ms(row['gc_worst_cpu_s'])}, young "
+        f"{ms(row['gc_worst_young_s'])}) collections {row['gc_collections']}"
+        if "gc_worst_s" in row
+        else "",
         f"rss/sock {row['rss_per_socket_kib']:.1f}KiB" if row.get("rss_per_socket_kib") else "",
         f"client {row['client_cpu_pct']:.0f}%" if row.get("client_cpu_pct") else "",
         f"other {row['other_cpu_pct']:.0f}%" if row.get("other_cpu_pct") is not None else "",
@@ -490,6 +583,13 @@ def plan(bench: Bench) -> None:
             bench.notes.append("no redis-server on 127.0.0.1:6379: Redis mode not measured")
         for n in a.levels:  # what the stack costs with none of chatbot's code
             bench.ws("floor", pattern, n, messages)
+    # An https upstream, its pool warm and cold; every core with two workers (and Redis).
+    for n in a.levels:
+        for system in HTTPS:
+            bench.ws(system, "steady", n, steady_m)
+    if bench.redis_ok:
+        for n in a.levels:
+            bench.ws("chatbot-2w", "steady", n, steady_m)
     # Token rate: CPU per chunk (a server saturates at far fewer sessions in this shape).
     for n in a.token_levels:
         bench.bare(n, "token-rate", "steady")
@@ -541,6 +641,8 @@ def build_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="markdown report (default docs/benchmarks.md, or "
                         "/tmp/bench-quick.md with --quick)")  # fmt: skip
     parser.add_argument("--json", help="also write every row as JSON here")
+    parser.add_argument("--only", action="append", metavar="SYSTEM:PATTERN:N[:SHAPE]",
+                        help="run just this scenario (repeatable); no report")  # fmt: skip
     parser.add_argument("--render", metavar="ROWS_JSON",
                         help="only re-render the report from a run's rows.json")  # fmt: skip
     args = parser.parse_args(argv)
@@ -573,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM as an exception, so `finally` blocks stop every server and load generator.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.only:
+        return only(args)
     quick = args.quick
     out = args.out
     bench = Bench(args)
@@ -635,6 +739,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: finished in {time.monotonic() - bench.started:.0f} s", flush=True)
     if bench.failures:
         print(f"bench: {bench.failures} scenario(s) could not be measured", flush=True)
+    return 1 if bench.failures else 0
+
+
+def only(args: argparse.Namespace) -> int:
+    """`--only`: the scenarios named, each printed as it ends; their rows as JSON."""
+    bench = Bench(args)
+    print(f"bench: logs in {bench.run_dir}", flush=True)
+    try:
+        for spec in args.only:
+            system, pattern, n, *rest = spec.split(":")
+            shape = rest[0] if rest else "realistic"
+            messages = args.steady_messages if pattern == "steady" else 1
+            if system == "upstream":
+                bench.bare(int(n), shape, pattern)
+            else:
+                bench.run(Scenario(system, "ws", pattern, int(n), shape, messages=messages))
+    finally:
+        for fake in bench.fakes.values():
+            fake.stop()
+    json_path = Path(args.json) if args.json else bench.run_dir / "rows.json"
+    meta = {"date": now(), "machine": machine(bench.digest), "notes": bench.notes}
+    json_path.write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=1))
+    print(f"bench: rows in {json_path}", flush=True)
     return 1 if bench.failures else 0
 
 
