@@ -25,12 +25,16 @@ from .support.procs import RedisProcess
         ("10.0.0.1", "6.6.6.6, 1.1.1.1", 1, "1.1.1.1"),  # the client wrote 6.6.6.6 itself
         ("10.0.0.1", "6.6.6.6, 1.1.1.1, 10.0.0.2", 2, "1.1.1.1"),
         ("10.0.0.1", "", 1, "10.0.0.1"),
+        # HAProxy adds a header line of its own after the client's: the lines are one list.
+        ("10.0.0.1", ["6.6.6.6", "1.1.1.1"], 1, "1.1.1.1"),
+        ("10.0.0.1", ["6.6.6.6, 7.7.7.7", "1.1.1.1, 10.0.0.2"], 2, "1.1.1.1"),
     ],
 )
 def test_client_ip_trusts_only_the_configured_proxy_hops(
-    peer: str, forwarded: str, hops: int, expected: str
+    peer: str, forwarded: str | list[str], hops: int, expected: str
 ) -> None:
-    assert client_ip(peer, {"X-Forwarded-For": forwarded}, hops) == expected
+    lines = [forwarded] if isinstance(forwarded, str) else forwarded
+    assert client_ip(peer, lines, hops) == expected
 
 
 async def test_messages_per_session_are_limited_before_anything_is_stored(

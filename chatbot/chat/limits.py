@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from limits import RateLimitItem, parse
@@ -32,13 +32,16 @@ SOCKET_COUNT_TTL_S = 3600  # a crashed instance's sockets stop counting after th
 BATCHED_SCRIPTS = ("lua_sliding_window", "lua_acquire_sliding_window")  # of `limits`' bridge
 
 
-def client_ip(peer: str | None, headers: Mapping[str, str], trusted_hops: int) -> str:
+def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted_hops: int) -> str:
     """The client's address: the peer's, or with `trusted_hops` proxies in front (Heroku's router
-    is one), the address the outermost trusted proxy saw, from X-Forwarded-For. Entries further
-    left were written by the client itself and prove nothing."""
+    is one), the address the outermost trusted proxy saw. `forwarded_for` holds every
+    X-Forwarded-For header line in order: a proxy may append its entry to the last line
+    (nginx, Heroku) or add a line of its own (HAProxy), so they are read as one list, and
+    counted from the right. Entries further left were written by the client itself and prove
+    nothing."""
     if trusted_hops <= 0:
         return peer or "unknown"
-    forwarded = [a.strip() for a in headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    forwarded = [a.strip() for line in forwarded_for for a in line.split(",") if a.strip()]
     if len(forwarded) >= trusted_hops:
         return forwarded[-trusted_hops]
     return forwarded[0] if forwarded else (peer or "unknown")

@@ -151,7 +151,8 @@ async def readyz() -> JsonReply:
 
 
 def _client_ip() -> str:
-    return client_ip(request.remote_addr, request.headers, settings().trusted_proxy_hops)
+    forwarded = request.headers.getlist("X-Forwarded-For")
+    return client_ip(request.remote_addr, forwarded, settings().trusted_proxy_hops)
 
 
 def _too_many(exc: RateLimited) -> JsonReply:

@@ -35,6 +35,7 @@ PATH = "/ws"
 # Bound on closing a socket and on stopping its jobs: a stalled peer or a stuck job lets go.
 CLOSE_TIMEOUT_S = 2.0
 ACTIVITY_TYPE = ACTIVITY["type"]
+FORWARDED_FOR = b"x-forwarded-for"  # every line of it, in order: `client_ip` says why
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -148,7 +149,10 @@ async def chat_socket(
     if closing.is_set():  # restarting: the client reconnects, through the balancer, elsewhere
         return await client.refuse(scope, 503, "restarting")
     peer = scope.get("client")
-    ip = client_ip(peer[0] if peer else None, headers, config.trusted_proxy_hops)
+    forwarded = [
+        v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"
+    ]
+    ip = client_ip(peer[0] if peer else None, forwarded, config.trusted_proxy_hops)
     del headers  # nothing of the handshake is kept for the socket's lifetime but what it needs
     try:
         async with service.limits.socket(ip):

@@ -7,6 +7,7 @@ in a log file for failure reports, and can be killed (-9), terminated or restart
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -214,7 +216,27 @@ class RedisProcess(Process):
         self.start()
 
 
-class HAProxyProcess(Process):
+class BalancerProcess(Process):
+    """A load balancer in front of chatbot instances, listening on `self.port`."""
+
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self.spawn()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
+        return self
+
+
+class HAProxyProcess(BalancerProcess):
     """HAProxy running the shipped config (docs/deploy/haproxy.cfg) in front of the instances."""
 
     CONFIG = ROOT / "docs" / "deploy" / "haproxy.cfg"
@@ -226,16 +248,23 @@ class HAProxyProcess(Process):
         env |= {f"CHATBOT_{n}": f"127.0.0.1:{port}" for n, port in enumerate(backends, 1)}
         super().__init__("haproxy", [binary, "-db", "-f", str(self.CONFIG)], env)
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class NginxProcess(BalancerProcess):
+    """nginx running the shipped config (docs/deploy/nginx.conf), its `listen` port and upstream
+    servers replaced with the test's."""
 
-    def start(self) -> HAProxyProcess:
-        self.spawn()
-        assert self.proc is not None
-        _wait_port(self.port, self.proc, self.log, START_TIMEOUT_S)
-        return self
+    CONFIG = ROOT / "docs" / "deploy" / "nginx.conf"
+
+    def __init__(self, backends: list[int]) -> None:
+        binary = require_executable("nginx", package="nginx")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="nginx-")
+        config = self.CONFIG.read_text()
+        config = re.sub(r"listen \S+;", f"listen 127.0.0.1:{self.port};", config)
+        servers = re.findall(r"^ *server 127\.0\.0\.1:\d+ .*;$", config, flags=re.M)
+        ours = [re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", servers[0]) for port in backends]
+        config = config.replace("\n".join(servers), "\n".join(ours))
+        path = Path(self.dir) / "nginx.conf"
+        path.write_text(config)
+        directives = "daemon off; master_process off; pid nginx.pid; error_log stderr notice;"
+        super().__init__("nginx", [binary, "-p", self.dir, "-c", str(path), "-g", directives])
