@@ -395,7 +395,7 @@ async def test_a_real_server_logs_only_json_lines_and_never_a_secret(
     redis.kill()  # errors, reconnect attempts: where a URL with its password could slip out
 
     async def complained() -> bool:
-        return "listener lost" in server.output()
+        return "listener down" in server.output()
 
     await wait_until(complained, timeout_s=15)
     assert await asyncio.to_thread(server.terminate) == 0
