@@ -111,3 +111,13 @@ class CircuitOpen(UpstreamError):
 
 class BrokerUnavailable(ChatbotError):
     """The shared state backend (Redis) cannot be reached right now."""
+
+
+class EpochChanged(BrokerUnavailable):
+    """Redis's data is not the data this instance last saw (it restarted empty, was restored
+    from an older snapshot, or failed over to a lagging replica): a new epoch began, and the
+    call did not run. `epoch` is the new one."""
+
+    def __init__(self, epoch: str) -> None:
+        super().__init__(f"redis began a new epoch ({epoch}): its data is not what was seen")
+        self.epoch = epoch

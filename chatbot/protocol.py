@@ -157,8 +157,21 @@ def encode(frame: dict[str, Any]) -> str:
 PONG: Final = '{"type":"pong"}'
 
 
-def ready(session: str, seq: int, model: str, demo: bool) -> dict[str, Any]:
-    return {"type": "ready", "session": session, "seq": seq, "model": model, "demo": demo}
+def ready(session: str, seq: int, model: str, demo: bool, epoch: str) -> dict[str, Any]:
+    return {
+        "type": "ready",
+        "session": session,
+        "seq": seq,
+        "epoch": epoch,
+        "model": model,
+        "demo": demo,
+    }
+
+
+def resync(epoch: str, seq: int) -> dict[str, Any]:
+    """The server lost data (a new `epoch`): forget this session's events; the whole log, up to
+    `seq` and on, follows from seq 1."""
+    return {"type": "resync", "epoch": epoch, "seq": seq}
 
 
 def queued(reply_to: str, position: int) -> dict[str, Any]:

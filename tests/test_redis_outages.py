@@ -60,13 +60,23 @@ class Socket(FrameReader):
     async def _receive(self) -> str | bytes:
         return await self.ws.recv()  # type: ignore[no-any-return]
 
-    async def say(self, text: str) -> None:
-        await self.ws.send(json.dumps({"type": "message", "text": text}))
+    async def say(self, text: str, msg_id: str | None = None) -> None:
+        frame = {"type": "message", "text": text} | ({"id": msg_id} if msg_id else {})
+        await self.ws.send(json.dumps(frame))
+
+    async def closed(self) -> int | None:
+        """The close code, once the server has closed the socket (no frame may come first)."""
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await self.recv()
+        return closed.value.rcvd.code if closed.value.rcvd else None
 
 
 @asynccontextmanager
-async def connect(server: ChatbotProcess, session: str | None = None) -> AsyncIterator[Socket]:
-    url = server.ws_url + (f"?session={session}" if session else "")
+async def connect(
+    server: ChatbotProcess, session: str | None = None, **query: Any
+) -> AsyncIterator[Socket]:
+    params = {"session": session, **query}
+    url = server.ws_url + "?" + "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
     async with asyncio.timeout(15):
         ws = await websockets.connect(url, open_timeout=10)
         ready = json.loads(await ws.recv())
@@ -273,3 +283,105 @@ async def redis_admin(redis: RedisProcess) -> AsyncIterator[Any]:
         yield client
     finally:
         await client.aclose()
+
+
+LONG = "[[fake:chunks=60]] [[fake:interval_ms=50]]"  # a reply of about 3 s
+
+
+async def test_redis_restarting_empty_mid_reply_ends_the_reply_and_the_session_plainly(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    """Redis comes back empty (no persistence) while a reply streams: sockets on both instances
+    hear the reply end `interrupted` and `session_expired`, then close; no hang, no seq reused.
+    Both instances are ready again within 10 s, and a new session works."""
+    redis = RedisProcess().start()
+    servers = instances(redis.url, upstream)
+    try:
+        for server in servers:
+            server.start()
+        await wait_ready(servers, 15)
+        one, two = servers
+        async with connect(one) as a, connect(two, a.session) as b:
+            await a.say(f"doomed {LONG}", "m1")
+            seen = {a: await a.until(is_delta), b: await b.until(is_delta)}
+            redis.restart()
+            for sock, before in seen.items():
+                frames = before + await sock.until(lambda f: f["type"] == "error")
+                assert seqs(frames) == list(range(1, len(seqs(frames)) + 1))
+                assert frames[-2:] == [
+                    {"type": "done", "reply_to": "m1", "reason": "interrupted"},
+                    {"type": "error", "code": "session_expired", "message": ANY_TEXT},
+                ]
+                assert await sock.closed() == 1000
+        await wait_ready(servers, BACK_WITHIN_S)
+        async with connect(two, a.session) as c:
+            assert c.session != a.session and c.ready["seq"] == 0
+            await c.say("a new start")
+            assert text_of(await c.until_done()) == expected("a new start")
+        for server in servers:
+            assert not errors_logged(server)
+    finally:
+        for process in (*servers, redis):
+            process.stop()
+
+
+async def test_redis_restored_from_an_older_snapshot_starts_sockets_over_in_a_new_epoch(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    """SAVE, more events (a reply streaming), then Redis restarts from the saved file: its log
+    ends before events the clients saw. Each socket hears the open reply end `interrupted`, then
+    `resync` with a new epoch and the log as it is now, from seq 1; the next reply continues that
+    log with no seq reused. A client resuming with the old epoch gets the whole log again."""
+    redis = RedisProcess().start()  # no AOF: a restart loads the last snapshot (dump.rdb)
+    servers = instances(redis.url, upstream)
+    try:
+        for server in servers:
+            server.start()
+        await wait_ready(servers, 15)
+        one, two = servers
+        async with connect(one) as a, connect(two, a.session) as b:
+            await a.say("kept", "m1")
+            kept = await b.until_done()
+            assert kept == await a.until_done()
+            async with redis_admin(redis) as admin:
+                await admin.save()
+            await a.say(f"lost {LONG}", "m2")
+            seen = {a: await a.until(is_delta), b: await b.until(is_delta)}
+            redis.restart()
+            for sock, before in seen.items():
+                frames = before + await sock.until(lambda f: f["type"] == "resync")
+                resync = frames[-1]
+                assert frames[-2] == {"type": "done", "reply_to": "m2", "reason": "interrupted"}
+                assert resync["epoch"] != sock.ready["epoch"] and resync["seq"] == len(kept)
+                assert await sock.until(lambda f: f["seq"] == len(kept)) == kept
+            await wait_ready(servers, BACK_WITHIN_S)
+            await b.say("after", "m3")
+            for sock in (a, b):
+                frames = await sock.until_done()
+                assert seqs(frames) == list(range(len(kept) + 1, len(kept) + 1 + len(frames)))
+                assert text_of(frames) == expected("after")
+        # A client that comes back with the old epoch's seqs gets the whole log again.
+        stale = {"after": seqs(seen[a])[-1], "epoch": a.ready["epoch"]}
+        async with connect(one, a.session, **stale) as c:
+            assert c.ready["epoch"] == resync["epoch"]
+            replay = await c.until(lambda f: f["seq"] == c.ready["seq"])
+            assert replay[: len(kept)] == kept and text_of(replay, "m3") == expected("after")
+        for server in servers:
+            assert not errors_logged(server)
+    finally:
+        for process in (*servers, redis):
+            process.stop()
+
+
+def is_delta(frame: dict[str, Any]) -> bool:
+    return frame["type"] == "delta"
+
+
+class _AnyText(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+    __hash__ = str.__hash__
+
+
+ANY_TEXT = _AnyText()

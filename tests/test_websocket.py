@@ -25,6 +25,7 @@ async def test_ready_then_streamed_reply(connect, fake: FakeOpenAI) -> None:
             "type": "ready",
             "session": ready["session"],
             "seq": 0,
+            "epoch": ready["epoch"],
             "model": "test-model",
             "demo": False,
         }

@@ -49,13 +49,25 @@ class Lease:
     token: str
 
 
-class _Resync:
-    """Marker telling a subscription it may have missed events and should re-read the log."""
+class _Marker:
+    """A signal to a subscription, queued in order with its frames."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-RESYNC: Final = _Resync()
+# It may have missed events (the pub/sub listener reconnected): re-read the log.
+RESYNC: Final = _Marker("RESYNC")
+# The broker's data is not what it was (Redis restarted empty or with older data): the seqs seen
+# so far mean nothing now (redis_epoch.py).
+NEW_EPOCH: Final = _Marker("NEW_EPOCH")
 
-Item = Event | str | _Resync
+Item = Event | str | _Marker
 
 
 def cancelling() -> bool:
@@ -160,11 +172,11 @@ class Hub:
         for sub in self._subscribers.get(session, ()):
             sub.push(item)
 
-    def resync_all(self) -> None:
-        """After a pub/sub outage every subscriber may have missed events."""
+    def signal_all(self, marker: _Marker) -> None:
+        """Tell every subscriber (RESYNC after a pub/sub outage, NEW_EPOCH after data loss)."""
         for subs in self._subscribers.values():
             for sub in subs:
-                sub.push(RESYNC)
+                sub.push(marker)
 
     def sessions(self) -> list[str]:
         return list(self._subscribers)
@@ -180,6 +192,8 @@ class Broker(Protocol):
     """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`."""
 
     kind: str
+    # The data's epoch: a new one begins when the broker lost data (docs/protocol.md, `epoch`).
+    epoch: str
 
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         """Connect, and deliver control messages sent to `instance` to `on_control`."""

@@ -47,6 +47,7 @@ class MemoryBroker:
         self._counters: dict[str, int] = {}
         self._control: dict[str, ControlHandler] = {}
         self._hub = Hub()
+        self.epoch = new_id()  # this process's memory: it never loses data but with itself
 
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         self._control[instance] = on_control

@@ -18,6 +18,7 @@ Key layout (docs/scaling.md has the full story):
     chatbot:lease              hash   session -> "owner|msg_id|token" of the generating instance
     chatbot:lease:due          zset   session -> lease deadline (ms, Redis clock)
     chatbot:task:{task}        string the HTTP ask API's task record (JSON), with a TTL
+    chatbot:epoch              hash   id, clock: the dataset's epoch (redis_epoch.py)
     channel chatbot:e:{instance}      live events for one instance: "{session} {frame}"
     channel chatbot:i:{instance}      control messages for one instance (stop, canary)
 
@@ -41,10 +42,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
-from ..errors import BrokerUnavailable
+from ..errors import BrokerUnavailable, EpochChanged
 from ..protocol import encode, new_id
 from ..settings import Settings
 from .base import (
+    NEW_EPOCH,
+    RESYNC,
     SUBSCRIPTION_MAX_BYTES,
     ControlHandler,
     Event,
@@ -55,6 +58,7 @@ from .base import (
 )
 from .hiredis_packing import use_hiredis_packing
 from .redis_batches import Batcher
+from .redis_epoch import Epoch
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +301,8 @@ class RedisBroker:
         self._join_script = self._redis.register_script(_JOIN)
         # Nearly every call goes in the batches, on one connection of the pool; the pub/sub
         # listener holds another, and replays and the health check use the rest.
-        self._batches = Batcher(self.pool, settings.redis_timeout_s)
+        self._epoch = Epoch(self._epoch_changed)
+        self._batches = Batcher(self.pool, settings.redis_timeout_s, self._epoch)
         self._batched = self._batches.script  # (script, keys, args) -> future of the reply
         self._command = self._batches.command  # (*argv) -> future of the reply
         self._hub = Hub()
@@ -313,6 +318,10 @@ class RedisBroker:
         self._last_canary = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch.id
 
     # Lifecycle, listener supervision and health.
 
@@ -422,6 +431,7 @@ class RedisBroker:
                 await self._on_listening()
 
     async def _on_listening(self) -> None:
+        await self._check_epoch()  # before the resync: a new epoch makes sockets start over
         if self._listened:
             self.reconnects += 1
             log.info("redis pub/sub listener back; resyncing local sockets")
@@ -433,7 +443,7 @@ class RedisBroker:
         self._last_canary = time.monotonic()
         if self._listening_now is not None and not self._listening_now.done():
             self._listening_now.set_result(None)
-        self._hub.resync_all()
+        self._hub.signal_all(RESYNC)
 
     def _dispatch(self, message: str) -> None:
         session, _, frame = message.partition(" ")
@@ -458,12 +468,26 @@ class RedisBroker:
             self._on_control(message)
 
     async def _canary_forever(self) -> None:
-        """Publish to ourselves; the listener's deadline catches a subscription gone deaf."""
+        """Publish to ourselves; the listener's deadline catches a subscription gone deaf. And
+        check the epoch, so an instance that writes nothing learns of lost data too."""
         channel = _instance_channel(self._instance)
         while True:
             await asyncio.sleep(self._settings.redis_canary_interval_s)
             with suppress(RedisError, OSError):
                 await self._redis.publish(channel, json.dumps({"canary": time.time()}))
+            with suppress(BrokerUnavailable):
+                await self._check_epoch()
+
+    async def _check_epoch(self) -> None:
+        # An EpochChanged (here, or from the batch's own guard) is handled: _epoch_changed.
+        with suppress(EpochChanged), _unavailable("checking the epoch"):
+            self._epoch.guarded(await self._command(*self._epoch.guard_argv()))
+
+    def _epoch_changed(self, epoch: str) -> None:
+        """Redis lost data: every local socket starts over (resync or `session_expired`), and
+        every reply this instance generates ends (`interrupted`)."""
+        self._hub.signal_all(NEW_EPOCH)
+        self._on_control({"epoch": epoch})
 
     # Sessions and their event log.
 

@@ -21,6 +21,9 @@ from hiredis import pack_command
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
 
+from ..errors import EpochChanged
+from .redis_epoch import TICK, Epoch
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -50,9 +53,13 @@ class Batcher:
     it made the whole batch fail: every socket and reply of the process lost its call
     (issue #13)."""
 
-    def __init__(self, pool: ConnectionPool, timeout_s: float) -> None:
+    def __init__(self, pool: ConnectionPool, timeout_s: float, epoch: Epoch | None = None) -> None:
         self._pool = pool
         self._timeout_s = timeout_s
+        # The dataset's epoch (redis_epoch.py): guarded on each new connection before its first
+        # batch, ticked by each batch's last command.
+        self._epoch = epoch
+        self._tick = b"" if epoch is None else TICK
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
@@ -125,7 +132,8 @@ class Batcher:
         return results
 
     async def _round_trip(self, packed: list[bytes]) -> list[Any]:
-        data = b"".join(packed)
+        data = b"".join(packed) + self._tick
+        count = len(packed) + (self._epoch is not None)
         # After a Redis restart the held connection is dead, found out only by using it: one
         # immediate retry on a new connection rides that out. (Whether a command ran before its
         # connection died is ambiguous with or without it; appends carry idempotency keys.)
@@ -134,7 +142,12 @@ class Batcher:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     conn = await self._connection()
-                    return await self._exchange(conn, data, len(packed))
+                    replies = await self._exchange(conn, data, count)
+                if self._epoch is not None:
+                    self._epoch.ticked(replies.pop())
+                return replies
+            except EpochChanged:
+                raise  # nothing of the batch ran; the connection is sound
             except BaseException as exc:
                 await self._drop()  # its state is unknown: never reuse it
                 if fresh or attempt or not isinstance(exc, (ConnectionError, OSError)):
@@ -169,6 +182,11 @@ class Batcher:
                 errors=encoder.encoding_errors,
             )
             self._conn = conn
+            if self._epoch is not None:  # a new connection may be to another Redis's data
+                (reply,) = await self._exchange(conn, pack_command(self._epoch.guard_argv()), 1)
+                if isinstance(reply, Exception):
+                    raise reply
+                self._epoch.guarded(reply)
         return self._conn
 
     async def _drop(self) -> None:

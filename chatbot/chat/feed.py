@@ -4,22 +4,29 @@ The order of operations is what makes resume exact: subscribe first, then read t
 live events through, dropping any whose seq was already sent. A live event that skips ahead (pub/sub
 dropped something, the subscription overflowed, the broker reconnected) makes the feed re-read
 the log from its last seq, so what the log holds is never lost.
+
+When the broker lost data (a new epoch: Redis restarted empty or with older data) the seqs sent so
+far mean nothing: the reply the client saw open ends `interrupted`, and the socket either starts
+over (`resync`, then the whole log again) or, its session gone, hears `session_expired` and ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
-from ..broker import RESYNC, Broker, Event, Subscription, cancelling
-from ..errors import BrokerUnavailable
+from .. import protocol
+from ..broker import NEW_EPOCH, RESYNC, Broker, Event, Subscription, cancelling
+from ..errors import BrokerUnavailable, SessionExpired
 
 log = logging.getLogger(__name__)
 
 REPLAY_RETRY_S = (0.05, 2.0)  # first and longest wait between replay attempts in an outage
 _END = "\x00end"  # a local item no frame can equal: frames are JSON objects
+T = TypeVar("T")
 
 
 class Feed:
@@ -37,6 +44,9 @@ class Feed:
         # only when empty; a list, not a deque, because an idle socket holds one.
         self._backlog: list[Event] = []
         self._replay_needed = True
+        self.epoch = broker.epoch  # what the client was told the seqs belong to
+        self._open_reply: str | None = None  # the reply the client saw begin and not end
+        self._notices: list[str] = []  # frames to send before anything else, first last
 
     def push_local(self, frame: str) -> None:
         self._sub.push(frame)
@@ -59,11 +69,15 @@ class Feed:
                 # A cancellation that a client library swallowed below us (redis-py can, mid
                 # command) must still end the feed, or the socket's sender waits forever.
                 raise asyncio.CancelledError
+            if self._notices:
+                notice = self._notices.pop()
+                if notice is _END:
+                    raise StopAsyncIteration
+                return notice
             if self._backlog:
                 event = self._backlog.pop()
                 if event.seq > self.last_seq:
-                    self.last_seq = event.seq
-                    return event.frame
+                    return self._sent(event)
                 continue
             if self._replay_needed:
                 self._backlog = (await self._replay())[::-1]
@@ -76,21 +90,59 @@ class Feed:
                 return item
             if item is RESYNC:
                 self._replay_needed = True
+            elif item is NEW_EPOCH:
+                await self._start_over()
             elif isinstance(item, Event) and item.seq > self.last_seq:
                 if item.seq == self.last_seq + 1:
-                    self.last_seq = item.seq
-                    return item.frame
+                    return self._sent(item)
                 # A gap: fetch it from the log. The log holds `item` too (events are logged
                 # before they are published); if it was trimmed meanwhile, `item` still follows.
                 self._backlog = [item, *reversed(await self._replay())]
 
+    def _sent(self, event: Event) -> str:
+        self.last_seq = event.seq
+        kind = event.data["type"]
+        if kind == "user":
+            self._open_reply = event.data["id"]
+        elif kind == "done":
+            self._open_reply = None
+        return event.frame
+
+    async def _start_over(self) -> None:
+        """The broker began a new epoch: queue what the client must hear (`_notices`)."""
+        epoch = self._broker.epoch
+        if epoch == self.epoch:
+            return  # this socket started in it
+        self.epoch = epoch
+        session = self._sub.session
+        last = await self._retrying(self._broker.last_seq, session)
+        notices = []
+        if self._open_reply is not None:  # its end was lost with the data, or will never come
+            done = protocol.done_event(self._open_reply, "interrupted")
+            notices.append(protocol.encode(done))
+        if last is None:
+            log.info("session %s… lost with the broker's data", session[:6])
+            expired = SessionExpired("this session was lost by the server; start a new one")
+            notices += [protocol.encode(protocol.refusal(expired)), _END]
+        else:
+            log.info("session %s… starts over in epoch %s", session[:6], epoch)
+            notices.append(protocol.encode(protocol.resync(epoch, last)))
+            self.last_seq = 0
+            self._backlog = []
+            self._replay_needed = True
+        self._open_reply = None
+        self._notices = notices[::-1]
+
     async def _replay(self) -> list[Event]:
-        """The log after `last_seq`. While the broker is down the socket stays open and waits:
-        the replay is retried with backoff until the broker answers again."""
+        return await self._retrying(self._broker.replay, self._sub.session, self.last_seq)
+
+    async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A read of the log. While the broker is down the socket stays open and waits: the
+        read is retried with backoff until the broker answers again."""
         delay = REPLAY_RETRY_S[0]
         while True:
             try:
-                return await self._broker.replay(self._sub.session, self.last_seq)
+                return await call(*args)
             except BrokerUnavailable:
                 log.warning("replay for session %s… waits for the broker", self._sub.session[:6])
                 await asyncio.sleep(delay)

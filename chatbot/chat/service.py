@@ -21,6 +21,7 @@ from ..broker import Broker, Event, Lease
 from ..errors import (
     BrokerUnavailable,
     Busy,
+    EpochChanged,
     Overloaded,
     RateLimited,
     Restarting,
@@ -48,6 +49,7 @@ class _Generation:
     ticket: Ticket
     task: asyncio.Task[None] | None = None
     stop_requested: bool = False
+    lost: bool = False  # the broker lost the data it was written into (a new epoch)
     text: list[str] = field(default_factory=list)
     context_chars: int = 0
     timer: metrics.ReplyTimer = field(default_factory=metrics.ReplyTimer)
@@ -166,6 +168,12 @@ class ChatService:
             return "".join([piece async for piece in reply])
 
     def _on_control(self, message: dict[str, Any]) -> None:
+        if "epoch" in message:  # the broker lost data: no reply can go on writing into it
+            for running in list(self._running.values()):
+                running.lost = True
+                if running.task is not None:
+                    running.task.cancel()  # ends as `interrupted`, if its lease survived
+            return
         generation = self._running.get(str(message.get("stop")))
         if generation is not None and generation.lease.msg_id == message.get("msg_id"):
             generation.stop_requested = True
@@ -213,6 +221,9 @@ class ChatService:
                 protocol.reply_error_event(msg_id, exc.code, exc.message),
                 f"{gen.lease.token}:!",
             )
+        except EpochChanged:
+            gen.lost = True
+            reason = "interrupted"
         except BrokerUnavailable:
             log.error("reply %s lost the broker; the lease will expire and be swept", msg_id[:8])
             return
@@ -243,7 +254,7 @@ class ChatService:
             except Exception:  # the budget is a guard rail; never lose the reply's end over it
                 log.warning("could not charge %d tokens to session %s…", tokens, gen.session[:6])
         try:
-            if gen.text and reason != "error":
+            if gen.text and reason != "error" and not gen.lost:
                 text = "".join(gen.text)
                 await self._outlast(self.broker.add_turn, gen.session, "assistant", text)
             await self._outlast(self.broker.finish, gen.session, done, gen.lease)
@@ -266,6 +277,8 @@ class ChatService:
         while True:
             try:
                 return await call(*args)
+            except EpochChanged:
+                raise  # not an outage: the data changed, and a retry would write into the new
             except BrokerUnavailable:
                 if loop.time() + delay > deadline:
                     raise

@@ -161,7 +161,9 @@ async def chat_socket(
             after = last if after_arg is None else min(int(after_arg), last)
             logs.bind_session(session)
             metrics.socket_connected(resumed=after_arg is not None)
-            await _serve(client, service, closing, session, last, after, ip)
+            # The epoch the client's `after` belongs to; another one means its seqs are void.
+            epoch = args.get("epoch") if after_arg is not None else None
+            await _serve(client, service, closing, session, last, after, epoch, ip)
     except RateLimited as exc:
         log.warning("refused websocket: %s", exc.message)
         await client.refuse(scope, 429, exc.message)
@@ -180,6 +182,7 @@ async def _serve(
     session: str,
     last: int,
     after: int,
+    epoch: str | None,
     ip: str,
 ) -> None:
     await client.accept()
@@ -194,7 +197,10 @@ async def _serve(
                 log.warning("session %s…: socket refused, not live: %s", session[:6], exc)
                 await client.close(CloseCode.TRY_AGAIN_LATER, "not live yet: try again")
                 return
-            ready = protocol.ready(session, last, service.model.name, service.model.demo)
+            if epoch is not None and epoch != feed.epoch:
+                feed.last_seq = 0  # the data it saw is gone: it gets the whole log again
+            model = service.model
+            ready = protocol.ready(session, last, model.name, model.demo, feed.epoch)
             await client.send(protocol.encode(ready))
             with closing.watch() as restart:
                 ended, gone = await _first_to_end(

@@ -155,7 +155,8 @@ async def test_redis_restart_mid_reply_sockets_survive_and_recover_missed_events
             frames_b = await b.until_done(timeout_s=30)
             frames_gen = await generator.until_done(timeout_s=30)
         for frames in (frames_a, frames_gen):
-            assert seqs(frames) == list(range(1, 1 + 1 + 40 + 1))
+            # Pieces that reached the server together during the outage are one delta each.
+            assert seqs(frames) == list(range(1, 1 + len(frames)))
             assert text_of(frames) == expected(message, 40)
         assert text_of(frames_b) == expected(message, 40)
         # Events written after recovery reach every socket.
