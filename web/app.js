@@ -39,6 +39,8 @@ const state = {
   session: saved?.id ?? null,
   // The last seq applied. A reload rebuilds from the whole log (after=0), so it starts at 0.
   lastSeq: 0,
+  // The epoch lastSeq counts in (from `ready` or `resync`): a new one means the server lost data.
+  epoch: null,
   stopping: null, // the timer that re-arms Stop if no `done` comes
 };
 let persistTimer = null;
@@ -70,6 +72,7 @@ function socketUrl() {
   if (state.session) {
     url.searchParams.set("session", state.session);
     url.searchParams.set("after", String(state.lastSeq));
+    if (state.epoch) url.searchParams.set("epoch", state.epoch);
   }
   return url.href;
 }
@@ -88,7 +91,8 @@ function handleFrame(frame) {
       if (accept(frame)) conversation.delta(frame);
       break;
     case "done":
-      if (accept(frame)) {
+      // Without a seq: the reply ended `interrupted` with data the server lost (then `resync`).
+      if (frame.seq === undefined || accept(frame)) {
         conversation.done(frame);
         setStopping(false);
       }
@@ -96,6 +100,9 @@ function handleFrame(frame) {
     case "error":
       if (frame.seq === undefined) socketError(frame);
       else if (accept(frame)) conversation.replyError(frame);
+      break;
+    case "resync":
+      startOver(frame.epoch);
       break;
     case "queued":
       conversation.queued(frame.position);
@@ -120,14 +127,26 @@ function handleReady(frame) {
       ui.composer.value = unsent; // not lost with the old session: send it again here
       autosize();
     }
+  } else if (state.epoch !== null && frame.epoch !== state.epoch) {
+    startOver(frame.epoch); // the server replays its whole log: we sent our epoch
   } else if (frame.seq < state.lastSeq) {
     state.lastSeq = frame.seq; // the server's log is the truth
   }
+  state.epoch = frame.epoch ?? null;
   state.session = frame.session;
   persist(true);
   ui.model.textContent = frame.model;
   ui.model.hidden = !frame.model;
   ui.demo.hidden = !frame.demo;
+}
+
+/** The server lost data (a new epoch): drop the view; the whole log it kept follows. */
+function startOver(epoch) {
+  conversation.clear();
+  setStopping(false);
+  state.lastSeq = 0;
+  state.epoch = epoch;
+  showNotice("The server lost part of this conversation; this is what it kept.");
 }
 
 /** Apply each conversation event once, in order: a resume must not repeat anything. */
@@ -210,6 +229,7 @@ function setStopping(on) {
 function newChat() {
   state.session = null;
   state.lastSeq = 0;
+  state.epoch = null;
   setStopping(false);
   clearTimeout(persistTimer);
   persistTimer = null;

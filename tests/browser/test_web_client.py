@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -185,9 +186,10 @@ async def test_drop_mid_reply_reconnects_and_resumes_exactly(page: Page, proxy: 
     await expect_reply(reply, reply_text("keep going", 40))
     assert len(sockets) >= 2
     session = (await stored_session(page) or {})["id"]
-    resumed_after = int(sockets[-1].rsplit("&after=", 1)[1])
+    resumed = parse_qs(urlsplit(sockets[-1]).query)
     assert sockets[-1].startswith(f"ws://127.0.0.1:{proxy.port}/ws?session={session}&after=")
-    assert resumed_after > 2  # the user event and some deltas had been seen
+    assert int(resumed["after"][0]) > 2  # the user event and some deltas had been seen
+    assert len(resumed["epoch"][0]) >= 16  # the epoch its seqs count in, from `ready`
     assert await page.evaluate("window.__chat.statuses") == [
         "connecting",
         "connected",
