@@ -21,6 +21,7 @@ const ui = {
   model: $("model"),
   demo: $("demo-label"),
   notice: $("notice"),
+  announcer: $("announcer"),
 };
 
 const STATUS_TEXT = {
@@ -41,6 +42,8 @@ const state = {
   lastSeq: 0,
   // The epoch lastSeq counts in (from `ready` or `resync`): a new one means the server lost data.
   epoch: null,
+  // Events up to the current socket's `ready.seq` are a replay: shown, but not announced again.
+  liveAfter: 0,
   stopping: null, // the timer that re-arms Stop if no `done` comes
 };
 let persistTimer = null;
@@ -95,6 +98,7 @@ function handleFrame(frame) {
       if (frame.seq === undefined || accept(frame)) {
         conversation.done(frame);
         setStopping(false);
+        if (frame.seq > state.liveAfter) announce(conversation.spokenReply(frame.reply_to));
       }
       break;
     case "error":
@@ -114,6 +118,7 @@ function handleFrame(frame) {
 }
 
 function handleReady(frame) {
+  state.liveAfter = frame.seq;
   if (frame.session !== state.session) {
     // A new session: the first visit, "New chat", or the old session expired on the server.
     // This socket replays nothing, so the next event is `ready.seq + 1`.
@@ -239,6 +244,11 @@ function newChat() {
   updateControls();
   connection.restart();
   ui.composer.focus();
+}
+
+/** Screen readers hear each finished reply once (the message list itself is not live). */
+function announce(text) {
+  if (text) ui.announcer.textContent = text;
 }
 
 function showNotice(text) {

@@ -1,8 +1,13 @@
 // The message list: a model of the conversation built from protocol events, and its DOM.
 // Each message owns its element; a streaming reply re-renders only its own body, at most once
-// per animation frame, however many deltas arrive.
+// per animation frame however many deltas arrive, and of that body only its open block
+// (render.js's MarkdownView). A render that took long is spaced out further.
 
-import { renderPlain, renderRich } from "./render.js";
+import { MarkdownView, renderPlain, spokenText } from "./render.js";
+
+// The pause before the next render is this many times the last one's cost (at most MAX_PAUSE_MS).
+const RENDER_PAUSE_FACTOR = 3;
+const MAX_PAUSE_MS = 500;
 
 const DONE_NOTES = {
   cancelled: "Stopped",
@@ -27,6 +32,7 @@ export class Conversation {
     this.messages = new Map(); // "user:ID" | "assistant:ID" -> message
     this.dirty = new Set();
     this.flushScheduled = false;
+    this.renderCostMs = 0;
   }
 
   clear() {
@@ -69,6 +75,14 @@ export class Conversation {
 
   userText(id) {
     return this.messages.get(`user:${id}`)?.text ?? null;
+  }
+
+  /** A finished reply as a screen reader should hear it, once (null if it did not finish). */
+  spokenReply(id) {
+    const reply = this.messages.get(`assistant:${id}`);
+    if (!reply || reply.state !== "done") return null;
+    const note = reply.note ? ` (${reply.note})` : "";
+    return `Assistant: ${spokenText(reply.parts.body)}${note}`;
   }
 
   // Local changes.
@@ -183,6 +197,7 @@ export class Conversation {
     const open = role === "assistant";
     const message = { role, id, text, state, open, reason: null, error: null, note: null };
     message.parts = { node, body, typing, note, error, retry };
+    message.view = role === "assistant" ? new MarkdownView(body) : null;
     this.messages.set(`${role}:${id}`, message);
     const pinned = this.#nearBottom();
     this.list.append(node);
@@ -197,13 +212,17 @@ export class Conversation {
     const flush = () => {
       if (!this.flushScheduled) return;
       this.flushScheduled = false;
+      const started = performance.now();
       const pinned = this.#nearBottom();
       for (const dirty of this.dirty) this.#render(dirty, false);
       this.dirty.clear();
       if (pinned) this.#scrollToBottom();
+      this.renderCostMs = performance.now() - started;
     };
-    requestAnimationFrame(flush);
-    setTimeout(flush, 100); // hidden tabs get no animation frames
+    const pause = Math.min(this.renderCostMs * RENDER_PAUSE_FACTOR, MAX_PAUSE_MS);
+    if (pause < 10) requestAnimationFrame(flush);
+    else setTimeout(() => requestAnimationFrame(flush), pause);
+    setTimeout(flush, 100 + pause); // hidden tabs get no animation frames
   }
 
   #render(message, keepPinned = true) {
@@ -214,9 +233,8 @@ export class Conversation {
     if (message.reason) node.dataset.reason = message.reason;
     else delete node.dataset.reason;
     node.setAttribute("aria-busy", String(message.state === "streaming"));
-    body.replaceChildren(
-      message.role === "user" ? renderPlain(message.text) : renderRich(message.text),
-    );
+    if (message.view) message.view.update(message.text, !message.open);
+    else if (body.textContent !== message.text) body.replaceChildren(renderPlain(message.text));
     body.hidden = message.text === "";
     typing.hidden = !(message.state === "streaming" && message.text === "");
     note.textContent = message.note ?? (message.state === "pending" ? "Sending…" : "");

@@ -1,100 +1,214 @@
-// A small, safe renderer for model output: paragraphs, line breaks, inline code and fenced code
-// blocks, built only from DOM nodes and textContent. Model output is untrusted: nothing here
-// parses HTML, sets innerHTML, creates links or touches attributes with text from the message,
-// so `<script>`, `<img onerror>` and `javascript:` links stay plain text.
+// Model output as Markdown: CommonMark with GitHub's tables, task lists, strikethrough and
+// autolinks, parsed by marked and sanitized by DOMPurify (both vendored in web/vendor, pinned by
+// tools/vendor.py). Model output is untrusted, so the renderer is hardened before the sanitizer
+// sees anything: raw HTML is shown as text, a link or image keeps its URL only if it is
+// http(s) or mailto (otherwise its Markdown source is shown as text), images are never loaded
+// (they become links), and every link opens in a new tab without an opener or a referrer.
+// DOMPurify then keeps only the tags and attributes this renderer writes. The page's CSP
+// (index.html) is the last line: only our own scripts run, and no inline style applies.
+//
+// A streaming reply is rendered by a MarkdownView, which parses only the part of the reply whose
+// blocks may still change: blocks followed by another block are final (CommonMark decides block
+// boundaries line by line), so they are rendered once and kept; each update re-renders only the
+// last, open block. A line that could still become a code fence or a table row is held back
+// until it is complete, so a reply mid-stream shows no stray backticks or pipes.
 
-const FENCE_OPEN = /^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/;
-const INLINE_CODE = /`([^`\n]+)`/g;
+import { Lexer, Parser, Renderer } from "./vendor/marked/marked.esm.js";
+import DOMPurify from "./vendor/dompurify/purify.es.mjs";
+
+const OPTIONS = { gfm: true, breaks: false, async: false };
+const SAFE_URL = /^(?:https?:\/\/|mailto:)/i;
+// The start of a fenced code block, or of a table row, not yet ended by a newline.
+const PARTIAL_LINE = /^ {0,3}(?:\||`{1,2}$|~{1,2}$|`{3,}[^`]*$|~{3,})/;
+const TABLE_LINE = /^ {0,3}\|/;
+
+/** Work done so far (for the browser tests and bench/render.py): renders and characters parsed. */
+export const renderStats = { renders: 0, parsedChars: 0, longestMs: 0 };
+
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const escape = (text) => String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+
+function safeUrl(href) {
+  if (typeof href !== "string" || !SAFE_URL.test(href)) return null;
+  try {
+    const url = new URL(href);
+    return ["http:", "https:", "mailto:"].includes(url.protocol) ? href : null;
+  } catch {
+    return null;
+  }
+}
+
+function anchor(href, title, inner, className = "") {
+  const extra = `${title ? ` title="${escape(title)}"` : ""}${className ? ` class="${className}"` : ""}`;
+  return `<a href="${escape(href)}" target="_blank" rel="noopener noreferrer"${extra}>${inner}</a>`;
+}
+
+class SafeRenderer extends Renderer {
+  html({ text, block }) {
+    // Shown as the model wrote it; block HTML keeps its line breaks.
+    return block ? `<p class="raw">${escape(text.replace(/\n+$/, ""))}</p>` : escape(text);
+  }
+
+  link({ href, title, tokens, raw }) {
+    const url = safeUrl(href);
+    return url ? anchor(url, title, this.parser.parseInline(tokens)) : escape(raw);
+  }
+
+  image({ href, title, text, raw }) {
+    const url = safeUrl(href);
+    return url ? anchor(url, title, `Image: ${escape(text || url)}`, "image-link") : escape(raw);
+  }
+
+  code({ text, lang }) {
+    const label = (lang || "").match(/^\S*/)[0] || "code";
+    return (
+      `<div class="code-block"><div class="code-head"><span class="code-lang">${escape(label)}</span>` +
+      `<button type="button" class="copy" aria-label="Copy ${escape(label)} code">Copy</button></div>` +
+      `<pre tabindex="0"><code>${escape(text)}</code></pre></div>`
+    );
+  }
+
+  codespan(token) {
+    return `<code class="inline-code">${super.codespan(token).slice("<code>".length)}`;
+  }
+
+  checkbox({ checked }) {
+    return `<input type="checkbox" disabled${checked ? " checked" : ""} aria-label="${checked ? "Done" : "Not done"}"> `;
+  }
+
+  table(token) {
+    // Wide tables scroll inside the message (a phone screen), and a scroller must be focusable.
+    return `<div class="table-wrap" tabindex="0" role="region" aria-label="Table">${super.table(token)}</div>`;
+  }
+}
+
+const renderer = new SafeRenderer(OPTIONS);
+const parserOptions = { ...OPTIONS, renderer };
+
+const PURIFY = {
+  ALLOWED_TAGS: [
+    "a", "blockquote", "br", "button", "code", "del", "div", "em", "h1", "h2", "h3", "h4", "h5",
+    "h6", "hr", "input", "li", "ol", "p", "pre", "span", "strong", "table", "tbody", "td", "th",
+    "thead", "tr", "ul",
+  ],
+  ALLOWED_ATTR: [
+    "align", "aria-label", "checked", "class", "disabled", "href", "rel", "role",
+    "start", "tabindex", "target", "title", "type",
+  ],
+  ALLOW_DATA_ATTR: false,
+  ALLOWED_URI_REGEXP: SAFE_URL,
+  RETURN_DOM_FRAGMENT: true,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") {
+    if (safeUrl(node.getAttribute("href")) === null) node.removeAttribute("href");
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  } else if (node.tagName === "INPUT") {
+    node.setAttribute("type", "checkbox");
+    node.setAttribute("disabled", "");
+  } else if (node.tagName === "BUTTON") {
+    node.dataset.testid = "copy"; // data-* attributes are not let through
+  }
+});
+
+/** Markdown tokens to sanitized DOM nodes. */
+function toNodes(tokens) {
+  if (tokens.length === 0) return [];
+  const nodes = DOMPurify.sanitize(Parser.parse(tokens, parserOptions), PURIFY).childNodes;
+  return [...nodes].filter((node) => node.nodeType !== Node.TEXT_NODE || node.data.trim());
+}
+
+/** While streaming: hold back a last line that could still become a fence or a table row. */
+function settled(text) {
+  const start = text.lastIndexOf("\n") + 1;
+  return PARTIAL_LINE.test(text.slice(start)) ? text.slice(0, start) : text;
+}
 
 /**
- * Split text into blocks: `{kind: "p", text}` and `{kind: "code", lang, text, closed}`.
- * A fence still open at the end (a reply mid-stream) is a code block that runs to the end.
+ * While streaming: pipe rows that end the last paragraph are a table whose delimiter row has not
+ * arrived yet. Returns where to cut `text` to hold them back (its length if there are none).
  */
-export function parseBlocks(text) {
-  const blocks = [];
-  const lines = text.split("\n");
-  let paragraph = [];
-  const flush = () => {
-    if (paragraph.length) blocks.push({ kind: "p", text: paragraph.join("\n") });
-    paragraph = [];
-  };
-  for (let i = 0; i < lines.length; i++) {
-    const open = FENCE_OPEN.exec(lines[i]);
-    if (open) {
-      flush();
-      const marker = open[1];
-      const close = new RegExp(`^ {0,3}${marker[0] === "`" ? "`" : "~"}{${marker.length},}\\s*$`);
-      const code = [];
-      let closed = false;
-      for (i += 1; i < lines.length; i++) {
-        if (close.test(lines[i])) {
-          closed = true;
-          break;
-        }
-        code.push(lines[i]);
+function beforeTableInTheMaking(text, tokens) {
+  const last = tokens.findLastIndex((t) => t.type !== "space");
+  if (last < 0 || tokens[last].type !== "paragraph") return text.length;
+  let end = 0;
+  for (let i = 0; i <= last; i++) end += tokens[i].raw.length;
+  const lines = tokens[last].raw.replace(/\n$/, "").split("\n");
+  let cut = end - (tokens[last].raw.endsWith("\n") ? 1 : 0);
+  for (let i = lines.length - 1; i >= 0 && TABLE_LINE.test(lines[i]); i--) cut -= lines[i].length + 1;
+  return cut < end - 1 ? Math.max(0, cut + 1) : text.length;
+}
+
+/** Renders one reply into `root`, again and again as it grows, at the cost of its open block. */
+export class MarkdownView {
+  constructor(root) {
+    this.root = root;
+    this.reset();
+  }
+
+  reset() {
+    this.root.replaceChildren();
+    this.text = "";
+    this.final = false;
+    this.frozenChars = 0; // the prefix of `text` whose blocks are rendered for good
+    this.frozenSource = "";
+    this.links = Object.create(null); // reference definitions seen in that prefix
+    this.tail = []; // the nodes of the open block(s), replaced on every update
+  }
+
+  #lex(text) {
+    const lexer = new Lexer(OPTIONS);
+    Object.assign(lexer.tokens.links, this.links);
+    renderStats.parsedChars += text.length;
+    return lexer.lex(text);
+  }
+
+  /** Show `text`, the whole reply so far; `final` once it has ended (nothing is held back). */
+  update(text, final) {
+    if (text.includes("\r")) text = text.replace(/\r\n?/g, "\n");
+    if (text === this.text && final === this.final) return;
+    if (!text.startsWith(this.frozenSource)) this.reset(); // not a continuation: start over
+    const started = performance.now();
+    this.text = text;
+    this.final = final;
+    const open = text.slice(this.frozenChars);
+    let shown = final ? open : settled(open);
+    let tokens = this.#lex(shown);
+    const cut = final ? shown.length : beforeTableInTheMaking(shown, tokens);
+    if (cut < shown.length) {
+      shown = shown.slice(0, cut);
+      tokens = this.#lex(shown);
+    }
+
+    let keep = tokens.length;
+    if (!final) {
+      keep = tokens.findLastIndex((t) => t.type !== "space");
+      if (keep < 0) keep = 0;
+    }
+    const done = tokens.slice(0, keep);
+    const consumed = done.map((t) => t.raw).join("");
+    if (done.length && shown.startsWith(consumed)) {
+      const nodes = toNodes(done);
+      const before = this.tail[0] ?? null;
+      for (const node of nodes) this.root.insertBefore(node, before);
+      for (const token of done) {
+        if (token.type === "def") this.links[token.tag] ??= { href: token.href, title: token.title };
       }
-      blocks.push({ kind: "code", lang: open[2], text: code.join("\n"), closed });
-    } else if (lines[i].trim() === "") {
-      flush();
+      this.frozenChars += consumed.length;
+      this.frozenSource = text.slice(0, this.frozenChars);
     } else {
-      paragraph.push(lines[i]);
+      keep = 0;
     }
-  }
-  flush();
-  return blocks;
-}
+    for (const node of this.tail) node.remove();
+    this.tail = toNodes(tokens.slice(keep));
+    this.root.append(...this.tail);
 
-function appendInline(parent, text) {
-  let last = 0;
-  for (const match of text.matchAll(INLINE_CODE)) {
-    if (match.index > last) parent.append(text.slice(last, match.index));
-    const code = document.createElement("code");
-    code.className = "inline-code";
-    code.textContent = match[1];
-    parent.append(code);
-    last = match.index + match[0].length;
+    const ms = performance.now() - started;
+    renderStats.renders += 1;
+    renderStats.longestMs = Math.max(renderStats.longestMs, ms);
   }
-  if (last < text.length) parent.append(text.slice(last));
-}
-
-function codeBlock(block) {
-  const wrap = document.createElement("div");
-  wrap.className = "code-block";
-  const head = document.createElement("div");
-  head.className = "code-head";
-  const lang = document.createElement("span");
-  lang.className = "code-lang";
-  lang.textContent = block.lang || "code";
-  const copy = document.createElement("button");
-  copy.type = "button";
-  copy.className = "copy";
-  copy.dataset.testid = "copy";
-  copy.textContent = "Copy";
-  copy.setAttribute("aria-label", "Copy code to the clipboard");
-  head.append(lang, copy);
-  const pre = document.createElement("pre");
-  const code = document.createElement("code");
-  code.textContent = block.text;
-  pre.append(code);
-  wrap.append(head, pre);
-  return wrap;
-}
-
-/** Render `text` into a DocumentFragment of safe DOM nodes. */
-export function renderRich(text) {
-  const fragment = document.createDocumentFragment();
-  for (const block of parseBlocks(text)) {
-    if (block.kind === "code") {
-      fragment.append(codeBlock(block));
-    } else {
-      // Line breaks inside a paragraph are kept as "\n" and shown by `white-space: pre-wrap`,
-      // so the paragraph's text is exactly the model's text.
-      const p = document.createElement("p");
-      appendInline(p, block.text);
-      fragment.append(p);
-    }
-  }
-  return fragment;
 }
 
 /** Render user text: exactly as typed, no formatting at all. */
@@ -102,6 +216,17 @@ export function renderPlain(text) {
   const p = document.createElement("p");
   p.textContent = text;
   return p;
+}
+
+/** What a screen reader should hear of a rendered reply: its text without code-block headers. */
+export function spokenText(root) {
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT, {
+    acceptNode: (node) =>
+      node.parentElement?.closest(".code-head") ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT,
+  });
+  let text = "";
+  while (walker.nextNode()) text += walker.currentNode.data;
+  return text.replace(/\s+/g, " ").trim();
 }
 
 /** Copy a code block's text; the button says whether it worked. */

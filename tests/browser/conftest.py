@@ -15,7 +15,14 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    async_playwright,
+)
 
 from ..support.procs import ChatbotProcess, FakeOpenAIProcess, require_executable
 from .tcp_proxy import TcpProxy
@@ -28,6 +35,8 @@ FAKE_TTFT_MS = 50
 FAKE_CHUNKS = 8
 FAKE_INTERVAL_MS = 30
 MODEL = "test-model"
+# Long enough to echo a 20,000-character formatted reply (the fake repeats the prompt).
+MAX_MESSAGE_CHARS = 25_000
 
 ACTION_TIMEOUT_MS = 10_000
 CHROMIUM_ARGS = [
@@ -100,6 +109,8 @@ def chat_server(fake_openai: FakeOpenAIProcess) -> Iterator[ChatbotProcess]:
             "OPENAI_API_KEY": "",
             "OPENAI_MODEL": MODEL,
             "REDIS_URL": "",  # the in-memory broker, whatever the developer's shell says
+            "MAX_MESSAGE_CHARS": str(MAX_MESSAGE_CHARS),
+            "WS_MAX_MESSAGE_BYTES": str(12 * MAX_MESSAGE_CHARS + 256),
         }
     ).start()
     yield server
@@ -127,14 +138,20 @@ async def browser(playwright: Playwright) -> AsyncIterator[Browser]:
 
 
 class PageErrors:
-    """Uncaught exceptions in the page fail the test that caused them."""
+    """Uncaught exceptions in the page, and anything its CSP blocked, fail the test that caused
+    them: the page must never even try to run or load what model output smuggles in."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
 
     def watch(self, page: Page) -> Page:
         page.on("pageerror", lambda error: self.errors.append(f"{page.url}: {error}"))
+        page.on("console", lambda message: self._console(page, message))
         return page
+
+    def _console(self, page: Page, message: ConsoleMessage) -> None:
+        if message.type == "error" and "Content Security Policy" in message.text:
+            self.errors.append(f"{page.url}: {message.text}")
 
 
 @pytest.fixture
