@@ -23,7 +23,7 @@ const PARTIAL_LINE = /^ {0,3}(?:\||`{1,2}$|~{1,2}$|`{3,}[^`]*$|~{3,})/;
 const TABLE_LINE = /^ {0,3}\|/;
 
 /** Work done so far (for the browser tests and bench/render.py): renders and characters parsed. */
-export const renderStats = { renders: 0, parsedChars: 0, longestMs: 0 };
+export const renderStats = { renders: 0, parsedChars: 0, longestParse: 0, longestMs: 0 };
 
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
 const escape = (text) => String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
@@ -96,6 +96,9 @@ const PURIFY = {
     "start", "tabindex", "target", "title", "type",
   ],
   ALLOW_DATA_ATTR: false,
+  // DOMPurify checks every attribute's value against ALLOWED_URI_REGEXP unless it is listed
+  // here; these never hold a URL.
+  ADD_URI_SAFE_ATTR: ["align", "rel", "start", "tabindex", "target", "type"],
   ALLOWED_URI_REGEXP: SAFE_URL,
   RETURN_DOM_FRAGMENT: true,
 };
@@ -113,10 +116,18 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+const plainBlock = (text) => ({ type: "html", block: true, raw: text, text });
+
 /** Markdown tokens to sanitized DOM nodes. */
 function toNodes(tokens) {
   if (tokens.length === 0) return [];
-  const nodes = DOMPurify.sanitize(Parser.parse(tokens, parserOptions), PURIFY).childNodes;
+  let html;
+  try {
+    html = Parser.parse(tokens, parserOptions);
+  } catch {
+    html = Parser.parse([plainBlock(tokens.map((t) => t.raw).join(""))], parserOptions);
+  }
+  const nodes = DOMPurify.sanitize(html, PURIFY).childNodes;
   return [...nodes].filter((node) => node.nodeType !== Node.TEXT_NODE || node.data.trim());
 }
 
@@ -127,18 +138,96 @@ function settled(text) {
 }
 
 /**
- * While streaming: pipe rows that end the last paragraph are a table whose delimiter row has not
- * arrived yet. Returns where to cut `text` to hold them back (its length if there are none).
+ * While streaming: where to cut `text` (already lexed into `tokens`) so that nothing half-written
+ * shows: pipe rows ending the last paragraph (a table whose delimiter row has not arrived), and an
+ * inline marker (backtick, **, ~~, *, [, <) opened on the last line and not yet closed.
  */
-function beforeTableInTheMaking(text, tokens) {
+function heldBack(text, tokens) {
   const last = tokens.findLastIndex((t) => t.type !== "space");
-  if (last < 0 || tokens[last].type !== "paragraph") return text.length;
+  if (last < 0 || !["paragraph", "heading", "list", "blockquote"].includes(tokens[last].type)) {
+    return text.length;
+  }
   let end = 0;
   for (let i = 0; i <= last; i++) end += tokens[i].raw.length;
-  const lines = tokens[last].raw.replace(/\n$/, "").split("\n");
-  let cut = end - (tokens[last].raw.endsWith("\n") ? 1 : 0);
-  for (let i = lines.length - 1; i >= 0 && TABLE_LINE.test(lines[i]); i--) cut -= lines[i].length + 1;
-  return cut < end - 1 ? Math.max(0, cut + 1) : text.length;
+  let cut = text.length;
+  if (tokens[last].type === "paragraph") {
+    const raw = tokens[last].raw.replace(/\n$/, "");
+    const lines = raw.split("\n");
+    let start = end - tokens[last].raw.length + raw.length + 1; // past the paragraph's last line
+    let held = 0;
+    for (let i = lines.length - 1; i >= 0 && TABLE_LINE.test(lines[i]); i--, held++) {
+      start -= lines[i].length + 1;
+    }
+    if (held) cut = start;
+  }
+  const lineStart = text.lastIndexOf("\n", cut - 1) + 1;
+  const open = unclosedAt(text.slice(lineStart, cut));
+  return open < 0 ? cut : lineStart + open;
+}
+
+const LIST_BULLET = /^[ \t]*(?:[-+*]|\d{1,9}[.)])[ \t]/;
+
+/** Where the first marker left open on `line` starts, or -1. */
+function unclosedAt(line) {
+  const body = line.replace(LIST_BULLET, (bullet) => " ".repeat(bullet.length));
+  let at = -1;
+  const hold = (index) => {
+    if (index >= 0 && (at < 0 || index < at)) at = index;
+  };
+  const code = body.split("`").length - 1;
+  if (code % 2) hold(body.lastIndexOf("`"));
+  const outside = code % 2 ? body.slice(0, body.lastIndexOf("`")) : body;
+  for (const mark of ["*", "~"]) {
+    const double = mark + mark;
+    if ((outside.split(double).length - 1) % 2) hold(outside.lastIndexOf(double));
+    const single = outside.replaceAll(double, "  ");
+    if ((single.split(mark).length - 1) % 2) hold(single.lastIndexOf(mark));
+  }
+  const bracket = outside.lastIndexOf("[");
+  if (bracket >= 0 && /^\[[^\]]*(?:\]\([^)]*|\][ \t]*)?$/.test(outside.slice(bracket))) {
+    hold(outside[bracket - 1] === "!" ? bracket - 1 : bracket);
+  }
+  const angle = outside.lastIndexOf("<");
+  if (angle >= 0 && !outside.includes(">", angle)) hold(angle);
+  return at;
+}
+
+// Quotes and lists nested deeper than this on one line (only hostile text does that) would
+// overflow marked's recursion: the marker that would open the next level is made plain text by
+// a look-alike character of the same length, so offsets into the reply stay the same.
+const MAX_NESTING = 16;
+const LOOKALIKE = { ">": "\u203a", "-": "\u2010", "*": "\u2217", "+": "\uff0b", ".": "\u2024", ")": "\uff09" };
+const NESTED_START = /^[ \t]*(?:[>*+-]|\d)/;
+
+function capNesting(text) {
+  if (!text.includes(">") && !/[-+*.)][ \t][ \t]*(?:[-+*]|\d)/.test(text)) return text;
+  const lines = text.split("\n");
+  let changed = false;
+  for (let n = 0; n < lines.length; n++) {
+    const line = lines[n];
+    if (!NESTED_START.test(line)) continue;
+    let depth = 0;
+    let i = 0;
+    while (i < line.length) {
+      while (line[i] === " " || line[i] === "\t") i++;
+      let marker = -1;
+      if (line[i] === ">") {
+        marker = i;
+        i += 1;
+      } else {
+        const m = /^(?:[-+*]|\d{1,9}[.)])(?=[ \t]|$)/.exec(line.slice(i, i + 11));
+        if (!m) break;
+        marker = i + m[0].length - 1;
+        i += m[0].length;
+      }
+      if (++depth > MAX_NESTING) {
+        lines[n] = line.slice(0, marker) + LOOKALIKE[line[marker]] + line.slice(marker + 1);
+        changed = true;
+        break;
+      }
+    }
+  }
+  return changed ? lines.join("\n") : text;
 }
 
 /** Renders one reply into `root`, again and again as it grows, at the cost of its open block. */
@@ -159,10 +248,15 @@ export class MarkdownView {
   }
 
   #lex(text) {
+    renderStats.parsedChars += text.length;
+    renderStats.longestParse = Math.max(renderStats.longestParse, text.length);
     const lexer = new Lexer(OPTIONS);
     Object.assign(lexer.tokens.links, this.links);
-    renderStats.parsedChars += text.length;
-    return lexer.lex(text);
+    try {
+      return lexer.lex(text);
+    } catch {
+      return [plainBlock(text)]; // whatever marked cannot handle is shown as the model wrote it
+    }
   }
 
   /** Show `text`, the whole reply so far; `final` once it has ended (nothing is held back). */
@@ -174,12 +268,14 @@ export class MarkdownView {
     this.text = text;
     this.final = final;
     const open = text.slice(this.frozenChars);
-    let shown = final ? open : settled(open);
+    let shown = capNesting(final ? open : settled(open));
     let tokens = this.#lex(shown);
-    const cut = final ? shown.length : beforeTableInTheMaking(shown, tokens);
-    if (cut < shown.length) {
-      shown = shown.slice(0, cut);
-      tokens = this.#lex(shown);
+    if (!final) {
+      const end = heldBack(shown, tokens);
+      if (end < shown.length) {
+        shown = shown.slice(0, end);
+        tokens = this.#lex(shown);
+      }
     }
 
     let keep = tokens.length;

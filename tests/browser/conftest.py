@@ -19,9 +19,11 @@ from playwright.async_api import (
     Browser,
     BrowserContext,
     ConsoleMessage,
+    Locator,
     Page,
     Playwright,
     async_playwright,
+    expect,
 )
 
 from ..support.procs import ChatbotProcess, FakeOpenAIProcess, require_executable
@@ -39,6 +41,8 @@ MODEL = "test-model"
 MAX_MESSAGE_CHARS = 25_000
 
 ACTION_TIMEOUT_MS = 10_000
+WAIT_MS = 10_000  # for a reply of a few seconds at most, or a reconnect
+LIST = "[data-testid=message-list]"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -211,3 +215,41 @@ async def fake_request_for(
     query = {"wait": "ended" if ended else "exists", "timeout_s": timeout_s}
     reply = await control.get(f"/_fake/requests/{numbers[-1]}", params=query, timeout=timeout_s + 5)
     return reply.raise_for_status().json()  # type: ignore[no-any-return]
+
+
+# Page helpers shared by the browser tests.
+
+
+def messages(page: Page, role: str | None = None) -> Locator:
+    selector = f"{LIST} [data-testid=message]"
+    return page.locator(selector if role is None else f"{selector}[data-role={role}]")
+
+
+def text_of(message: Locator) -> Locator:
+    return message.get_by_test_id("message-text")
+
+
+async def open_chat(page: Page, url: str) -> None:
+    await page.goto(url)
+    await expect(page.get_by_test_id("status")).to_have_attribute(
+        "data-status", "connected", timeout=WAIT_MS
+    )
+
+
+async def send(page: Page, text: str) -> None:
+    composer = page.get_by_test_id("composer")
+    await composer.fill(text)
+    await composer.press("Enter")
+    await expect(composer).to_have_value("", timeout=WAIT_MS)
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+async def expect_reply(message: Locator, expected: str) -> None:
+    """The reply finishes and shows `expected` (rendered as Markdown, so compared word by word:
+    a paragraph drops its trailing space): nothing lost, nothing repeated."""
+    await expect(message).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+    await expect(text_of(message)).to_have_text(expected, timeout=WAIT_MS)  # whitespace-blind
+    assert words(await text_of(message).text_content() or "") == words(expected)

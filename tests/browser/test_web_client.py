@@ -7,53 +7,27 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import BrowserContext, Locator, Page, expect
+from playwright.async_api import BrowserContext, Page, expect
 
 from chatbot.fake_openai import reply_text
 
 from ..support.procs import ChatbotProcess
-from .conftest import ARTIFACTS, FAKE_CHUNKS, MODEL, fake_request_for
+from .conftest import (
+    ARTIFACTS,
+    FAKE_CHUNKS,
+    LIST,
+    MODEL,
+    WAIT_MS,
+    expect_reply,
+    fake_request_for,
+    messages,
+    open_chat,
+    send,
+    text_of,
+)
 from .tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
-
-WAIT_MS = 10_000  # for a reply of a few seconds at most, or a reconnect
-LIST = "[data-testid=message-list]"
-
-
-def messages(page: Page, role: str | None = None) -> Locator:
-    selector = f"{LIST} [data-testid=message]"
-    return page.locator(selector if role is None else f"{selector}[data-role={role}]")
-
-
-def text_of(message: Locator) -> Locator:
-    return message.get_by_test_id("message-text")
-
-
-async def open_chat(page: Page, url: str) -> None:
-    await page.goto(url)
-    await expect(page.get_by_test_id("status")).to_have_attribute(
-        "data-status", "connected", timeout=WAIT_MS
-    )
-
-
-async def send(page: Page, text: str) -> None:
-    composer = page.get_by_test_id("composer")
-    await composer.fill(text)
-    await composer.press("Enter")
-    await expect(composer).to_have_value("", timeout=WAIT_MS)
-
-
-def words(text: str) -> list[str]:
-    return text.split()
-
-
-async def expect_reply(message: Locator, expected: str) -> None:
-    """The reply finishes and shows `expected` (rendered as Markdown, so compared word by word:
-    a paragraph drops its trailing space): nothing lost, nothing repeated."""
-    await expect(message).to_have_attribute("data-state", "done", timeout=WAIT_MS)
-    await expect(text_of(message)).to_have_text(expected, timeout=WAIT_MS)  # whitespace-blind
-    assert words(await text_of(message).text_content() or "") == words(expected)
 
 
 async def stored_session(page: Page) -> dict[str, object] | None:
