@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quart import Quart, Response, current_app, request
+from quart.sessions import NullSession
 
 from . import logs, metrics
 from .broker import open_broker
@@ -27,15 +28,31 @@ WEB_DIR = next((p for p in (_PACKAGE / "web", _PACKAGE.parent / "web") if p.is_d
 def create_app(settings: Settings | None = None) -> Quart:
     """Build the app. Connections (broker, model client) open in `before_serving`."""
     settings = settings or Settings.from_env()
-    app = Quart(__name__, static_folder=str(WEB_DIR), static_url_path="/static")
+    # The app's own static folder and templates are the user's (STATIC_DIR, TEMPLATES_DIR); the
+    # chat page's files are served by its blueprint (`routes.page`).
+    app = Quart(
+        __name__,
+        static_folder=settings.static_dir,
+        static_url_path="/static",
+        template_folder=settings.templates_dir or "templates",
+    )
     app.config["CHATBOT_SETTINGS"] = settings
+    app.secret_key = settings.secret_key
+    app.session_interface.null_session_class = SecretKeyMissing
     app.config["MAX_CONTENT_LENGTH"] = settings.ws_max_message_bytes
     # Conditional requests (ETag) instead of Quart's 12 h cache, so a deploy reaches browsers now.
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None
 
-    from .routes import http_api
+    from .mount import read_body_first
+    from .routes import http_api, page
 
     app.register_blueprint(http_api.blueprint)
+    app.register_blueprint(page.blueprint(settings.chat_page_path))
+    app.asgi_app = read_body_first(app.asgi_app)  # type: ignore[method-assign]
+    if settings.wsgi_app:  # every other HTTP request goes to the legacy app (docs/migrating.md)
+        from .mount import mount_wsgi
+
+        mount_wsgi(app, settings)
     app.asgi_app = _with_socket_route(app, app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_request
@@ -76,6 +93,15 @@ def create_app(settings: Settings | None = None) -> Quart:
         await service.broker.close()
 
     return app
+
+
+class SecretKeyMissing(NullSession):
+    """The session without SECRET_KEY: readable (empty), and a write says what to set."""
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the session needs a secret: set SECRET_KEY (16+ random characters)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = update = setdefault = _fail  # type: ignore[assignment]
 
 
 def _with_socket_route(app: Quart, asgi_app: Any) -> Any:

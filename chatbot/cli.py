@@ -1,4 +1,8 @@
-"""`chatbot serve [--host H] [--port P] [--workers N]`: serve the app with Hypercorn on uvloop."""
+"""`chatbot serve [module:app] [--host H] [--port P] [--workers N]`: serve the app with
+Hypercorn on uvloop.
+
+`module:app` names your own app built from `chatbot.create_app()` (docs/migrating.md); without
+it, chatbot's own."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from hypercorn.config import Config
+from quart import Quart
 
 from . import hypercorn_fixes, logs, metrics
 from .errors import SettingsError
@@ -44,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(default: $WEB_CONCURRENCY or 1)",
         )
         sub.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
+    serve.add_argument(
+        "app", nargs="?", help="module:app or module:create_app(), built from chatbot.create_app()"
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
@@ -77,8 +85,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers import supervise
 
         return supervise(workers, argv)
-    run(_serve(settings, reuse_port=args.reuse_port))
+    try:
+        app = _app(getattr(args, "app", None), settings)
+    except SettingsError as exc:
+        print(f"chatbot: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    run(_serve(settings, app, reuse_port=args.reuse_port))
     return 0
+
+
+def _app(spec: str | None, settings: Settings) -> Quart:
+    """chatbot's app, or the user's `module:app` (which must come from `create_app()`: the
+    drain and the chat socket are part of it)."""
+    from .app import create_app
+
+    if spec is None:
+        return create_app(settings)
+    from .mount import load_app
+
+    app = load_app(spec, variable="chatbot serve APP")
+    if not isinstance(app, Quart) or "CHATBOT_SETTINGS" not in app.config:
+        raise SettingsError("chatbot serve APP", f"{spec} is not an app from chatbot.create_app()")
+    return app
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -97,7 +125,7 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
+async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then restart gracefully.
 
     Hypercorn alone would leave websockets open until its graceful timeout and then drop them
@@ -105,9 +133,8 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """
     from hypercorn.asyncio import serve
 
-    from .app import create_app, drain
+    from .app import drain
 
-    app = create_app(settings)
     # After the app's own start-up hook: the broker and model clients it opens import most of
     # the process's modules (753 of them), and those belong to what is never scanned too.
     app.before_serving(tune_gc)

@@ -18,7 +18,7 @@ from .errors import SettingsError
 
 T = TypeVar("T")
 
-SECRETS = frozenset({"OPENAI_API_KEY", "ACCESS_TOKEN"})
+SECRETS = frozenset({"OPENAI_API_KEY", "ACCESS_TOKEN", "SECRET_KEY"})
 
 DEFAULT_MODEL = "gpt-4.1-mini"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer concisely."
@@ -68,6 +68,14 @@ class Settings:
     demo_word_delay_s: float = 0.06
     log_level: str = "INFO"
     log_format: str = "json"
+    # Bringing a Flask app along (docs/migrating.md, chatbot/mount.py).
+    wsgi_app: str | None = None  # "module:app" or "module:create_app()"
+    wsgi_threads: int = 16
+    wsgi_max_body_bytes: int = 16 * 1024 * 1024
+    chat_page_path: str = "/"
+    secret_key: str | None = field(default=None, repr=False)
+    templates_dir: str | None = None
+    static_dir: str | None = None
 
     @property
     def demo(self) -> bool:
@@ -178,6 +186,15 @@ class Settings:
             ),
             log_level=reader.get("LOG_LEVEL", _log_level, d.log_level),
             log_format=reader.get("LOG_FORMAT", _log_format, d.log_format),
+            wsgi_app=reader.get("WSGI_APP", _app_spec, None),
+            wsgi_threads=reader.get("WSGI_THREADS", _positive(int), d.wsgi_threads),
+            wsgi_max_body_bytes=reader.get(
+                "WSGI_MAX_BODY_BYTES", _positive(int), d.wsgi_max_body_bytes
+            ),
+            chat_page_path=reader.get("CHAT_PAGE_PATH", _page_path, d.chat_page_path),
+            secret_key=reader.get("SECRET_KEY", _secret, None),
+            templates_dir=reader.get("TEMPLATES_DIR", _directory, None),
+            static_dir=reader.get("STATIC_DIR", _directory, None),
         )
         # JSON-escaped, one character can take 12 bytes (two \uXXXX escapes), plus the envelope.
         needed = settings.max_message_chars * 12 + 256
@@ -186,6 +203,12 @@ class Settings:
                 "WS_MAX_MESSAGE_BYTES",
                 f"must be at least 12 x MAX_MESSAGE_CHARS + 256 ({needed}) so a message of the "
                 "allowed length always fits in a frame, however the client escapes it",
+            )
+        if settings.static_dir and settings.chat_page_path == "/":
+            raise SettingsError(
+                "STATIC_DIR",
+                "is served at /static/, where the chat page's own files are while "
+                "CHAT_PAGE_PATH is /: move the chat page (e.g. CHAT_PAGE_PATH=/assistant/)",
             )
         return settings
 
@@ -303,3 +326,24 @@ def _log_format(raw: str) -> str:
     if value not in {"json", "text"}:
         raise ValueError("must be json (one JSON object per line) or text (for people)")
     return value
+
+
+APP_SPEC = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*(\(.*\))?)?", re.DOTALL)
+
+
+def _app_spec(raw: str) -> str:
+    if not APP_SPEC.fullmatch(raw):
+        raise ValueError("must be module:name or module:factory() (as flask --app takes it)")
+    return raw
+
+
+def _page_path(raw: str) -> str:
+    if not raw.startswith("/") or any(c in raw for c in "?#<> "):
+        raise ValueError("must be a URL path like / or /assistant/")
+    return raw.rstrip("/") + "/"
+
+
+def _directory(raw: str) -> str:
+    if not os.path.isdir(raw):
+        raise ValueError("must be an existing directory")
+    return os.path.abspath(raw)

@@ -33,9 +33,9 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads processes
 APP_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "REDIS_URL", "HOST")
 
 
-def procfile_commands() -> list[tuple[str, str]]:
+def procfile_commands(procfile: str = "Procfile") -> list[tuple[str, str]]:
     commands = []
-    for line in (ROOT / "Procfile").read_text().splitlines():
+    for line in (ROOT / procfile).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, sep, command = line.partition(":")
             assert sep, f"not a Procfile line: {line!r}"
@@ -43,14 +43,23 @@ def procfile_commands() -> list[tuple[str, str]]:
     return commands
 
 
-def test_the_procfile_has_one_web_command_that_binds_port_from_the_environment() -> None:
-    webs = [command for name, command in procfile_commands() if name == "web"]
-    assert len(webs) == 1, procfile_commands()
+@pytest.mark.parametrize(
+    "procfile",
+    [
+        "Procfile",
+        *(f"examples/flask_app/Procfile.{stage}" for stage in ("mount", "port", "ported")),
+    ],
+)
+def test_the_procfile_has_one_web_command_that_binds_port_from_the_environment(
+    procfile: str,
+) -> None:
+    webs = [command for name, command in procfile_commands(procfile) if name == "web"]
+    assert len(webs) == 1, procfile_commands(procfile)
     web = webs[0]
     assert web
     # A literal port (`--port 8000`, `-b 0.0.0.0:8000`) would ignore the $PORT Heroku assigns.
     assert not re.search(r"(?:^|[\s:=])\d{2,5}(?=\s|$)", web), web
-    if re.search(r"port|bind|\s-[pb]\b", web, re.IGNORECASE):
+    if re.search(r"--port|\bbind\b|\s-[pb]\b", web, re.IGNORECASE):
         assert "$PORT" in web or "${PORT" in web, web
 
 
@@ -76,10 +85,12 @@ def _alive_in_group(pgid: int) -> list[int]:
 
 
 class Honcho:
-    """`honcho start web` in the repo root, in its own process group, output in a log file."""
+    """`honcho start web` in `cwd` (the repo root), in its own process group, output in a log
+    file."""
 
-    def __init__(self, log: Path, port: int) -> None:
+    def __init__(self, log: Path, port: int, procfile: str = "Procfile", cwd: Path = ROOT) -> None:
         self.log, self.port = log, port
+        self.procfile, self.cwd = procfile, cwd
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, env_file: Path) -> None:
@@ -91,11 +102,12 @@ class Honcho:
             "PYTHONUNBUFFERED": "1",  # honcho's "started (pid=N)" line, before it exits
             "DEMO_WORD_DELAY_S": "0",
         }
-        argv = [sys.executable, "-m", "honcho", "--no-colour", "-e", str(env_file), "start", "web"]
+        argv = [sys.executable, "-m", "honcho", "--no-colour", "-e", str(env_file)]
+        argv += ["-f", self.procfile, "start", "web"]
         with self.log.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=env,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,

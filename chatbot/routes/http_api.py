@@ -1,14 +1,14 @@
-"""HTTP routes: the page, the Flask-era `POST /chat` contract, health and readiness."""
+"""HTTP routes: the Flask-era `POST /chat` contract (served under CHAT_PAGE_PATH by
+`routes.page`), the ask API, health and readiness."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from quart import Blueprint, Response, request, send_from_directory
+from quart import Blueprint, Response, request
 
 from .. import metrics, protocol
-from ..app import WEB_DIR, chat_service, settings
+from ..app import chat_service, settings
 from ..chat.limits import client_ip
 from ..chat.tasks import start_task, task_status
 from ..errors import (
@@ -22,34 +22,23 @@ from ..errors import (
     Restarting,
     UpstreamError,
 )
-from .access import token_ok
+from .access import JsonReply, refusal, request_ip, too_many
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("http_api", __name__)
 
-JsonReply = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]
-
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @blueprint.before_request
 async def require_access_token() -> JsonReply | None:
-    """The chat endpoints need ACCESS_TOKEN when one is set; the page and health checks do not."""
-    if request.path in OPEN_PATHS or request.path.startswith("/static/"):
+    """The chat endpoints need ACCESS_TOKEN when one is set; the health checks do not."""
+    if request.path in OPEN_PATHS:
         return None
-    if token_ok(settings().access_token, request.headers, request.args):
-        return None
-    log.warning("refused %s %s without a valid access token", request.method, request.path)
-    return {"error": "a valid access token is required"}, 401, {"WWW-Authenticate": "Bearer"}
+    return await refusal(limit=False)
 
 
-@blueprint.get("/")
-async def index() -> Response:
-    return await send_from_directory(WEB_DIR, "index.html")
-
-
-@blueprint.post("/chat")
 async def chat() -> JsonReply:
     """`{"message": "..."}` (JSON or form field) -> `{"response": "..."}`; stateless, one turn.
 
@@ -60,9 +49,9 @@ async def chat() -> JsonReply:
         return refusal
     service = chat_service()
     try:
-        await service.limits.check_message(None, _client_ip())
+        await service.limits.check_message(None, request_ip())
     except RateLimited as exc:
-        return _too_many(exc)
+        return too_many(exc)
     try:
         return {"response": await service.complete(message)}, 200
     except UpstreamError as exc:
@@ -85,9 +74,9 @@ async def ask() -> JsonReply:
     try:
         if session is not None:
             protocol.check_id(session, "session")
-        return await start_task(chat_service(), session, message, _client_ip()), 202
+        return await start_task(chat_service(), session, message, request_ip()), 202
     except RateLimited as exc:
-        return _too_many(exc)
+        return too_many(exc)
     except FrameError as exc:
         log.info("refused POST /api/ask: %s", exc.message)
         return {"error": exc.message}, 400
@@ -148,16 +137,6 @@ async def readyz() -> JsonReply:
         "upstream": service.model.upstream_status(),
     }
     return body, 200 if ready else 503
-
-
-def _client_ip() -> str:
-    forwarded = request.headers.getlist("X-Forwarded-For")
-    return client_ip(request.remote_addr, forwarded, settings().trusted_proxy_hops)
-
-
-def _too_many(exc: RateLimited) -> JsonReply:
-    log.warning("refused %s %s: %s", request.method, request.path, exc.message)
-    return {"error": exc.message}, 429, {"Retry-After": str(exc.retry_after_s)}
 
 
 async def _message() -> tuple[str, JsonReply | None]:

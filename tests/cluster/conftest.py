@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import websockets
 
-from ..support.frames import FrameReader, seqs, text_of
+from ..support.frames import Client, connect, seqs, text_of
 from ..support.procs import ChatbotProcess, FakeOpenAIProcess, HAProxyProcess, RedisProcess
 from ..support.waiting import wait_until
 
@@ -101,40 +97,3 @@ async def live(cluster: Cluster) -> Cluster:
             f"http://127.0.0.1:{cluster.fake.port}/_fake/config", json={"reset": True}
         )
     return cluster
-
-
-class Client(FrameReader):
-    """A real WebSocket client (the `websockets` library) with receive timeouts."""
-
-    timeout_s = RECEIVE_TIMEOUT_S
-
-    def __init__(self, ws: Any, ready: dict[str, Any]) -> None:
-        self.ws = ws
-        self.ready = ready
-        self.session: str = ready["session"]
-        self.server: str | None = ws.response.headers.get("X-Chatbot-Server")
-
-    async def _receive(self) -> str | bytes:
-        return await self.ws.recv()  # type: ignore[no-any-return]
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
-
-
-@asynccontextmanager
-async def connect(
-    url: str, session: str | None = None, after: int | None = None
-) -> AsyncIterator[Client]:
-    query = "&".join(
-        f"{k}={v}" for k, v in (("session", session), ("after", after)) if v is not None
-    )
-    async with asyncio.timeout(RECEIVE_TIMEOUT_S):
-        ws = await websockets.connect(f"{url}?{query}" if query else url, open_timeout=5)
-    try:
-        async with asyncio.timeout(RECEIVE_TIMEOUT_S):
-            ready = json.loads(await ws.recv())
-        assert ready["type"] == "ready", ready
-        yield Client(ws, ready)
-    finally:
-        async with asyncio.timeout(5):
-            await ws.close()

@@ -58,9 +58,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: f
 class Process:
     """A child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.name = name
         self.argv = argv
+        self.cwd = cwd
         self.env = {**os.environ, **(env or {})}
         self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +75,7 @@ class Process:
     def spawn(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd
             )
 
     @property
@@ -103,7 +110,8 @@ class Process:
 
 
 class ChatbotProcess(Process):
-    """`python -m chatbot serve` on 127.0.0.1:port with the given environment."""
+    """`python -m chatbot serve ARGS` on 127.0.0.1:port with the given environment, run in
+    `cwd` (where an app argument and `WSGI_APP` are looked up)."""
 
     def __init__(
         self,
@@ -111,10 +119,11 @@ class ChatbotProcess(Process):
         port: int | None = None,
         name: str = "chatbot",
         args: tuple[str, ...] = (),
+        cwd: Path = ROOT,
     ):
         self.port = port or free_port()
         env = {"PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env}
-        super().__init__(name, [sys.executable, "-m", "chatbot", "serve", *args], env)
+        super().__init__(name, [sys.executable, "-m", "chatbot", "serve", *args], env, cwd)
 
     @property
     def url(self) -> str:

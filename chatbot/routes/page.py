@@ -1,0 +1,31 @@
+"""The chat page, its files and the Flask-era `POST /chat`, under CHAT_PAGE_PATH (default `/`).
+
+Moving them (e.g. `CHAT_PAGE_PATH=/assistant/`) gives `/`, `/chat` and `/static/` back to your
+own routes or to the mounted legacy app (docs/migrating.md); the socket stays at `/ws`.
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, send_from_directory
+
+from ..app import WEB_DIR
+from . import http_api
+from .access import token_required
+
+
+def blueprint(path: str) -> Blueprint:
+    """The page at `path` (ending in `/`), its files at `{path}static/`, `POST {path}chat`."""
+    page = Blueprint(
+        "chat_page",
+        __name__,
+        static_folder=str(WEB_DIR),
+        static_url_path="/static",
+        url_prefix=path.rstrip("/") or None,
+    )
+    page.add_url_rule("/", "index", index)
+    page.add_url_rule("/chat", "chat", token_required(http_api.chat), methods=["POST"])
+    return page
+
+
+async def index() -> Response:
+    return await send_from_directory(WEB_DIR, "index.html")
