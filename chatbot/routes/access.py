@@ -33,7 +33,7 @@ def token_ok(expected: str | None, headers: Mapping[str, str], args: Mapping[str
 JsonReply = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]
 
 
-async def refusal(*, limit: bool) -> JsonReply | None:
+async def access_refusal(*, limit: bool) -> JsonReply | None:
     """The current request's 401 without ACCESS_TOKEN, or (with `limit`) its 429 over
     RATE_LIMIT_IP, where one request counts as one message of its address; None to go on."""
     config = settings()
@@ -81,7 +81,7 @@ def token_required(view: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 def _guarded(view: Callable[..., Any], *, limit: bool) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(view)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
-        refused = await refusal(limit=limit)
+        refused = await access_refusal(limit=limit)
         if refused is not None:
             return refused
         return await current_app.ensure_async(view)(*args, **kwargs)

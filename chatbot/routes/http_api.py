@@ -9,7 +9,6 @@ from quart import Blueprint, Response, request
 
 from .. import metrics, protocol
 from ..app import chat_service, settings
-from ..chat.limits import client_ip
 from ..chat.tasks import start_task, task_status
 from ..errors import (
     BrokerUnavailable,
@@ -22,7 +21,7 @@ from ..errors import (
     Restarting,
     UpstreamError,
 )
-from .access import JsonReply, refusal, request_ip, too_many
+from .access import JsonReply, access_refusal, request_ip, too_many
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ async def require_access_token() -> JsonReply | None:
     """The chat endpoints need ACCESS_TOKEN when one is set; the health checks do not."""
     if request.path in OPEN_PATHS:
         return None
-    return await refusal(limit=False)
+    return await access_refusal(limit=False)
 
 
 async def chat() -> JsonReply:
