@@ -477,6 +477,7 @@ def _gc_window(before: dict[str, float], after: dict[str, float]) -> dict[str, A
         "gc_worst_s": max((after.get(f"max_wall_{g}", 0.0) for g in gens), default=0.0),
         "gc_worst_cpu_s": max((after.get(f"max_cpu_{g}", 0.0) for g in gens), default=0.0),
         "gc_worst_young_s": after.get("max_wall_0", 0.0),
+        "gc_worst_by_generation_s": [after.get(f"max_wall_{g}", 0.0) for g in gens],
     }
 
 
@@ -547,7 +548,8 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['deltas_per_reply']:.1f} deltas/reply" if row.get("deltas_per_reply") else "",
         f"upstream conns {row['upstream_connections']}" if "upstream_connections" in row else "",
         f"gc worst {ms(row['gc_worst_s'])} (cpu {ms(row['gc_worst_cpu_s'])}, young "
-        f"{ms(row['gc_worst_young_s'])}) collections {row['gc_collections']}"
+        f"{ms(row['gc_worst_young_s'])}) collections {row['gc_collections']} worst by "
+        f"generation {' '.join(ms(x) for x in row.get('gc_worst_by_generation_s', []))}"
         if "gc_worst_s" in row
         else "",
         f"rss/sock {row['rss_per_socket_kib']:.1f}KiB" if row.get("rss_per_socket_kib") else "",

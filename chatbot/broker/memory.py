@@ -17,11 +17,18 @@ from typing import Any
 from ..protocol import encode, new_id
 from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
 
+# A logged event as the log keeps it: (seq, frame), its JSON text, parsed again for a replay as
+# the Redis log's entries are. A tuple of an int and a string is untracked by the first young
+# collection that sees it, so the events the logs hold are never scanned again by the middle
+# and full collections, whose pauses grew with every event held; an `Event` (a dataclass, with
+# a dict) stays tracked for life, and takes ~250 bytes more (docs/benchmarks.md, "The GC").
+_Logged = tuple[int, str]
+
 
 @dataclass(slots=True)
 class _Session:
     # Created on first use: a socket that opens a session and says nothing holds no deques.
-    log: deque[Event] | None = None
+    log: deque[_Logged] | None = None
     history: deque[dict[str, str]] | None = None
     seq: int = 0
     last_key: str | None = None  # of the last appended event (see Broker.append)
@@ -74,14 +81,15 @@ class MemoryBroker:
             await self.create_session(session)
             state = self._sessions[session]
         if key is not None and key == state.last_key and state.log:
-            return state.log[-1]
+            return Event.from_frame(state.log[-1][1])
         state.last_key = key
         state.seq += 1
         data = {"type": event["type"], "seq": state.seq, **event}
-        logged = Event(seq=state.seq, data=data, frame=encode(data))
+        frame = encode(data)
         if state.log is None:
             state.log = deque(maxlen=self._log_max)
-        state.log.append(logged)
+        state.log.append((state.seq, frame))
+        logged = Event(seq=state.seq, data=data, frame=frame)
         self._hub.dispatch(session, logged)
         return logged
 
@@ -97,7 +105,7 @@ class MemoryBroker:
         state = self._live(session)
         if state is None or after >= state.seq:
             return []
-        return [event for event in state.log or () if event.seq > after]
+        return [Event.from_frame(frame) for seq, frame in state.log or () if seq > after]
 
     @asynccontextmanager
     async def subscribe(
