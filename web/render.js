@@ -230,6 +230,33 @@ function capNesting(text) {
   return changed ? lines.join("\n") : text;
 }
 
+/** Make the live nodes `old` (the last children of `parent`) look like `fresh`; the new list. */
+function morphList(parent, old, fresh) {
+  const live = fresh.map((node, i) => (i < old.length ? morph(old[i], node) : parent.appendChild(node)));
+  for (let i = fresh.length; i < old.length; i++) old[i].remove();
+  return live;
+}
+
+function morph(node, fresh) {
+  if (node.isEqualNode(fresh)) return node;
+  if (node.nodeType === Node.TEXT_NODE && fresh.nodeType === Node.TEXT_NODE) {
+    node.data = fresh.data;
+    return node;
+  }
+  if (node.nodeType !== Node.ELEMENT_NODE || !sameShell(node, fresh)) {
+    node.replaceWith(fresh);
+    return fresh;
+  }
+  morphList(node, [...node.childNodes], [...fresh.childNodes]);
+  return node;
+}
+
+function sameShell(a, b) {
+  if (a.nodeName !== b.nodeName || a.attributes.length !== b.attributes.length) return false;
+  for (const { name, value } of b.attributes) if (a.getAttribute(name) !== value) return false;
+  return true;
+}
+
 /** Renders one reply into `root`, again and again as it grows, at the cost of its open block. */
 export class MarkdownView {
   constructor(root) {
@@ -285,10 +312,9 @@ export class MarkdownView {
     }
     const done = tokens.slice(0, keep);
     const consumed = done.map((t) => t.raw).join("");
+    let frozen = [];
     if (done.length && shown.startsWith(consumed)) {
-      const nodes = toNodes(done);
-      const before = this.tail[0] ?? null;
-      for (const node of nodes) this.root.insertBefore(node, before);
+      frozen = toNodes(done);
       for (const token of done) {
         if (token.type === "def") this.links[token.tag] ??= { href: token.href, title: token.title };
       }
@@ -297,9 +323,10 @@ export class MarkdownView {
     } else {
       keep = 0;
     }
-    for (const node of this.tail) node.remove();
-    this.tail = toNodes(tokens.slice(keep));
-    this.root.append(...this.tail);
+    // The DOM already shows most of this (the last render): change only what differs, so a
+    // long open block (a list of hundreds of items) costs the browser little layout.
+    const live = morphList(this.root, this.tail, [...frozen, ...toNodes(tokens.slice(keep))]);
+    this.tail = live.slice(frozen.length);
 
     const ms = performance.now() - started;
     renderStats.renders += 1;
