@@ -222,6 +222,8 @@ class Broker(Protocol):
         """Atomically append `event` and release `lease`, if `lease` still holds the session.
 
         False, appending nothing, when the lease was lost (another instance closed the reply).
+        Finishing again with the same lease (a retry of a finish whose answer was lost) is True
+        and appends nothing more, as long as nothing was appended since.
         """
 
     async def replay(self, session: str, after: int) -> list[Event]:
@@ -242,11 +244,15 @@ class Broker(Protocol):
 
     async def history(self, session: str) -> list[dict[str, str]]: ...
 
-    async def add_turn(self, session: str, role: str, content: str) -> None: ...
+    async def add_turn(self, session: str, role: str, content: str, key: str | None = None) -> None:
+        """Add a turn to the model context. `key` makes a retry safe, as for `append`: the same
+        key as the last turn's adds nothing."""
 
     # One generation per session, cluster-wide.
 
-    async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool: ...
+    async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
+        """Take the session's lease, unless another lease holds it (even an expired one). True
+        too when `lease` itself holds it: a retry of an acquire whose answer was lost."""
 
     async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool: ...
 
@@ -262,7 +268,11 @@ class Broker(Protocol):
         """
 
     async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
-        """Add `delta` to a shared counter (expiring `ttl_s` after its last change); its value."""
+        """Add `delta` to this instance's share of a shared counter; the counter's value, the sum
+        of the shares of the instances alive. The share is exact whatever retries happen, and
+        stops counting when its instance dies (a few seconds after it stops saying it is alive);
+        a counter nobody changes for `ttl_s` is forgotten. The change stands even when the call
+        fails: the instance tells the broker later."""
 
     # Tasks of the HTTP ask API (a reply addressed without a socket).
 

@@ -32,6 +32,7 @@ class _Session:
     history: deque[dict[str, str]] | None = None
     seq: int = 0
     last_key: str | None = None  # of the last appended event (see Broker.append)
+    last_turn: str | None = None  # of the last history turn added (see Broker.add_turn)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -68,7 +69,8 @@ class MemoryBroker:
     async def create_session(self, session: str) -> None:
         # Expired sessions are purged by the periodic sweep (claim_expired), not here: a scan
         # per new socket made opening N sockets O(N^2) (docs/benchmarks.md).
-        self._sessions[session] = _Session()
+        if self._live(session) is None:  # never resets a session that has events
+            self._sessions[session] = _Session()
 
     async def last_seq(self, session: str) -> int | None:
         state = self._live(session)
@@ -94,11 +96,15 @@ class MemoryBroker:
         return logged
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
+        key = f"{lease.token}:done"
+        state = self._sessions.get(session)
+        if state is not None and state.last_key == key:
+            return True  # finished already
         held = self._leases.get(session)
         if held is None or held.lease != lease:
             return False
         del self._leases[session]
-        await self.append(session, event)
+        await self.append(session, event, key)
         return True
 
     async def replay(self, session: str, after: int) -> list[Event]:
@@ -130,9 +136,10 @@ class MemoryBroker:
         state = self._live(session)
         return [] if state is None else list(state.history or ())
 
-    async def add_turn(self, session: str, role: str, content: str) -> None:
+    async def add_turn(self, session: str, role: str, content: str, key: str | None = None) -> None:
         state = self._live(session)
-        if state is not None:
+        if state is not None and (key is None or key != state.last_turn):
+            state.last_turn = key
             if state.history is None:
                 state.history = deque(maxlen=2 * self._history_turns)
             state.history.append({"role": role, "content": content})
@@ -140,6 +147,8 @@ class MemoryBroker:
     async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
         held = self._leases.get(session)
         now = time.monotonic()
+        if held is not None and held.lease == lease:
+            return True  # asked again by its holder
         if held is not None and held.deadline > now:
             return False
         if held is not None:

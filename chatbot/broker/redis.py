@@ -17,13 +17,19 @@ Key layout (docs/scaling.md has the full story):
     chatbot:s:{session}:subs   set    instances with local sockets on the session
     chatbot:lease              hash   session -> "owner|msg_id|token" of the generating instance
     chatbot:lease:due          zset   session -> lease deadline (ms, Redis clock)
+    chatbot:instances          zset   instance -> alive until (ms, Redis clock), kept by its keeper
+    {counter key}              hash   instance -> "version:count": its share of a shared counter
     chatbot:task:{task}        string the HTTP ask API's task record (JSON), with a TTL
     chatbot:epoch              hash   id, clock: the dataset's epoch (redis_epoch.py)
     channel chatbot:e:{instance}      live events for one instance: "{session} {frame}"
     channel chatbot:i:{instance}      control messages for one instance (stop, canary)
 
 Every multi-step change is one Lua script, so seq order, log order and publish order agree, and
-clocks of different machines never matter (leases use Redis's TIME).
+clocks of different machines never matter (leases use Redis's TIME). Every change may run twice:
+a call whose answer was lost (a stall longer than REDIS_TIMEOUT_S, a dropped connection) is sent
+again by the batcher or retried by its caller while the first copy may still run. So each one is
+idempotent: appends and history turns carry an operation key, acquiring checks for its own lease,
+and shared counters are written as this instance's absolute, versioned share.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "chatbot"
 LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
+INSTANCES: Final = f"{PREFIX}:instances"
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 2.0)  # first and longest wait between listener restarts
@@ -101,10 +108,14 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
     + "return seq\n"
 )
 
-# The same, but only while ARGV[8] (a lease) still holds the session (ARGV[7]); releases it. (So
-# a retried finish never appends twice: the first one released the lease.)
+# The same, but only while ARGV[8] (a lease) still holds the session (ARGV[7]); releases it. A
+# retry of a finish that ran finds its own key and returns that seq again (not 0: the writer
+# hands the `done` to its own sockets only when it has a seq).
 _FINISH = (
     """
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
+  return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+end
 if redis.call('HGET', KEYS[5], ARGV[7]) ~= ARGV[8] then return 0 end
 redis.call('HDEL', KEYS[5], ARGV[7])
 redis.call('ZREM', KEYS[6], ARGV[7])
@@ -127,10 +138,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # A lease whose deadline passed is dead but still blocks the session until an instance claims it
-# and closes the orphaned reply; so a new message never slips in before that reply's `done`.
+# and closes the orphaned reply; so a new message never slips in before that reply's `done`. The
+# lease's own holder asking again (a retry of an acquire that ran) is told yes: else it would be
+# told `busy` by its own lease, left to block the session with no reply behind it.
 _ACQUIRE = (
     """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then return held == ARGV[2] and 1 or 0 end
 """
     + _NOW_MS
     + """
@@ -182,23 +196,61 @@ return claimed
 )
 
 
+# Never resets a session that has events (a retried or repeated create).
 _CREATE = """
-redis.call('HSET', KEYS[1], 'seq', 0)
+redis.call('HSETNX', KEYS[1], 'seq', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
-# One history turn, atomically: append, keep the last ARGV[2] (negative), refresh the TTL.
+# One history turn, atomically: append, keep the last ARGV[2] (negative), refresh the TTLs. ARGV[4]
+# is the turn's operation key ('' for none), remembered in the session's meta hash (KEYS[2]): the
+# same key as the last turn's is a retry, and adds nothing.
 _ADD_TURN = """
+if ARGV[4] ~= '' then
+  if redis.call('HGET', KEYS[2], 'turn') == ARGV[4] then return 0 end
+  redis.call('HSET', KEYS[2], 'turn', ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], ARGV[2], -1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
-_ADJUST = """
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return value
+# This instance (ARGV[1]) is alive for ARGV[2] ms more.
+_ALIVE = (
+    _NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
 """
+)
+
+# A shared counter (KEYS[1]) is a hash of each instance's share: ARGV[1]'s is set to ARGV[3], as
+# its write number ARGV[2], unless a later write of its own came first (a retried or late copy);
+# the value is the sum of the shares of instances still alive (KEYS[2]). A dead instance's share
+# stops counting when its liveness lapses, and is dropped here.
+_COUNT = (
+    _ALIVE
+    + """
+local mine = redis.call('HGET', KEYS[2], ARGV[1])
+if not mine or tonumber(string.match(mine, '^(%d+):')) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+local total = 0
+local shares = redis.call('HGETALL', KEYS[2])
+for i = 1, #shares, 2 do
+  local alive = redis.call('ZSCORE', KEYS[1], shares[i])
+  if alive and tonumber(alive) > now then
+    total = total + tonumber(string.match(shares[i + 1], ':(%d+)$'))
+  else
+    redis.call('HDEL', KEYS[2], shares[i])
+  end
+end
+return total
+"""
+)
 
 
 def _session_keys(session: str) -> tuple[str, str, str, str]:
@@ -294,7 +346,8 @@ class RedisBroker:
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._claim = self._redis.register_script(_CLAIM)
-        self._adjust = self._redis.register_script(_ADJUST)
+        self._count = self._redis.register_script(_COUNT)
+        self._alive = self._redis.register_script(_ALIVE)
         self._create = self._redis.register_script(_CREATE)
         self._add_turn = self._redis.register_script(_ADD_TURN)
         self._announce = self._redis.register_script(_ANNOUNCE)
@@ -318,6 +371,11 @@ class RedisBroker:
         self._last_canary = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
+        # This instance's shares of shared counters: key -> (count, TTL, number of its last
+        # write), and the keys whose last write Redis may not have had.
+        self._shares: dict[str, tuple[int, int, int]] = {}
+        self._share_writes = 0
+        self._unsent: set[str] = set()
 
     @property
     def epoch(self) -> str:
@@ -329,7 +387,7 @@ class RedisBroker:
         self._instance = instance
         self._on_control = on_control
         self._listening_now = asyncio.get_running_loop().create_future()
-        for loop in (self._listen_forever(), self._canary_forever()):
+        for loop in (self._listen_forever(), self._canary_forever(), self._keep_alive_forever()):
             task = asyncio.create_task(loop)
             self._tasks.add(task)
 
@@ -489,6 +547,26 @@ class RedisBroker:
         self._hub.signal_all(NEW_EPOCH)
         self._on_control({"epoch": epoch})
 
+    @property
+    def _alive_ms(self) -> int:
+        """How long this instance counts as alive after its last word (its shares with it)."""
+        return int(self._canary_deadline_s * 1000)
+
+    async def _keep_alive_forever(self) -> None:
+        """Say every canary interval that this instance is alive, and send Redis again the shares
+        of counters it may have missed. When the process dies, its shares stop counting within
+        `_alive_ms`: a killed instance's sockets no longer hold their address's places."""
+        while True:
+            try:
+                with _unavailable("saying this instance is alive"):
+                    args = [self._instance, self._alive_ms]
+                    await self._batched(self._alive, (INSTANCES,), args)
+                for key in list(self._unsent):
+                    await self._send_share(key)
+            except BrokerUnavailable:
+                pass  # said again at the next interval
+            await asyncio.sleep(self._settings.redis_canary_interval_s)
+
     # Sessions and their event log.
 
     async def create_session(self, session: str) -> None:
@@ -540,7 +618,8 @@ class RedisBroker:
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
         keys = [*_session_keys(session), LEASES, LEASE_DUE]
-        args = [*self._event_args(session, event, None), _lease_text(lease)]
+        # The lease's token makes the key: a retried finish returns the seq it got.
+        args = [*self._event_args(session, event, f"{lease.token}:done"), _lease_text(lease)]
         with _unavailable("finishing a reply"):
             seq = int(await self._batched(self._finish, keys, args))
         if seq:
@@ -613,12 +692,12 @@ class RedisBroker:
             turns = await self._command("LRANGE", hist, 0, -1)
         return [json.loads(turn) for turn in turns]
 
-    async def add_turn(self, session: str, role: str, content: str) -> None:
-        _, _, hist, _ = _session_keys(session)
+    async def add_turn(self, session: str, role: str, content: str, key: str | None = None) -> None:
+        meta, _, hist, _ = _session_keys(session)
         turn = json.dumps({"role": role, "content": content})
-        args = [turn, -2 * self._settings.history_turns, self._settings.session_ttl_s]
+        args = [turn, -2 * self._settings.history_turns, self._settings.session_ttl_s, key or ""]
         with _unavailable("adding to history"):
-            await self._batched(self._add_turn, (hist,), args)
+            await self._batched(self._add_turn, (hist, meta), args)
 
     # Leases.
 
@@ -648,8 +727,29 @@ class RedisBroker:
         return [(flat[i], _lease_of(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
-        with _unavailable("adjusting a counter"):
-            return int(await self._batched(self._adjust, (key,), [delta, ttl_s]))
+        count = self._shares[key][0] + delta if key in self._shares else delta
+        self._share_writes += 1
+        self._shares[key] = (count, ttl_s, self._share_writes)
+        return await self._send_share(key)
+
+    async def _send_share(self, key: str) -> int:
+        """Write this instance's share of counter `key` (absolute, so a copy that runs twice or
+        late changes nothing); the counter's value. A share Redis may have missed is sent again
+        by the keeper."""
+        count, ttl_s, write = self._shares[key]
+        args = [self._instance, self._alive_ms, write, count, ttl_s]
+        try:
+            with _unavailable("counting"):
+                total = int(await self._batched(self._count, (INSTANCES, key), args))
+        except BrokerUnavailable:
+            if self._shares.get(key, (0, 0, 0))[2] == write:  # no later write of the key since
+                self._unsent.add(key)
+            raise
+        if self._shares.get(key, (0, 0, 0))[2] == write:
+            self._unsent.discard(key)
+            if not count:
+                del self._shares[key]
+        return total
 
     # Tasks of the HTTP ask API.
 

@@ -28,7 +28,7 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:limits"
-SOCKET_COUNT_TTL_S = 3600  # a crashed instance's sockets stop counting after this long
+SOCKET_COUNT_TTL_S = 3600  # an address's count, unchanged this long, is forgotten
 BATCHED_SCRIPTS = ("lua_sliding_window", "lua_acquire_sliding_window")  # of `limits`' bridge
 
 
@@ -94,8 +94,9 @@ class AbuseLimits:
     async def socket(self, ip: str) -> AsyncIterator[None]:
         """Hold one of the IP's socket places for the block; `RateLimited` when none is left."""
         key = f"{KEY_PREFIX}:sockets:{ip}"
-        count = await self._broker.adjust(key, 1, SOCKET_COUNT_TTL_S)
         try:
+            # This instance's share of the count, which stops counting if the instance dies.
+            count = await self._broker.adjust(key, 1, SOCKET_COUNT_TTL_S)
             if count > self._settings.max_sockets_per_ip:
                 metrics.rate_limited("sockets")
                 raise RateLimited(
@@ -108,8 +109,8 @@ class AbuseLimits:
         finally:
             try:
                 await self._broker.adjust(key, -1, SOCKET_COUNT_TTL_S)
-            except BrokerUnavailable:  # the count's TTL forgets this socket instead
-                log.warning("could not release a socket place of %s", ip)
+            except BrokerUnavailable:  # told to the broker later (Broker.adjust)
+                log.warning("could not release a socket place of %s yet", ip)
 
     async def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
         stats = await self._limiter.get_window_stats(item, *identifiers)

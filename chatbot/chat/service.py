@@ -133,17 +133,21 @@ class ChatService:
             exc.ref = msg_id
             raise
         lease = Lease(self.instance, msg_id or protocol.new_id(), token=protocol.new_id())
+        # Each step rides out a short outage, and may run twice then (a call whose answer was
+        # lost may have run): each is idempotent, keyed by the lease's token.
+        key = f"{lease.token}:user"
         try:
-            if not await self.broker.acquire(session, lease, self.settings.lease_ttl_s):
+            if not await self._outlast(
+                self.broker.acquire, session, lease, self.settings.lease_ttl_s
+            ):
                 raise Busy(
                     "a reply is still streaming in this session; wait for it or send stop",
                     ref=msg_id,
                 )
             try:
-                await self.broker.add_turn(session, "user", text)
-                accepted = await self.broker.append(
-                    session, protocol.user_event(lease.msg_id, text)
-                )
+                await self._outlast(self.broker.add_turn, session, "user", text, key)
+                event = protocol.user_event(lease.msg_id, text)
+                accepted = await self._outlast(self.broker.append, session, event, key)
             except BaseException:
                 with suppress(Exception):
                     await self.broker.release(session, lease)
@@ -256,7 +260,8 @@ class ChatService:
         try:
             if gen.text and reason != "error" and not gen.lost:
                 text = "".join(gen.text)
-                await self._outlast(self.broker.add_turn, gen.session, "assistant", text)
+                key = f"{gen.lease.token}:assistant"
+                await self._outlast(self.broker.add_turn, gen.session, "assistant", text, key)
             await self._outlast(self.broker.finish, gen.session, done, gen.lease)
         except BrokerUnavailable:
             log.error("could not close reply %s; the lease will expire", gen.lease.msg_id[:8])

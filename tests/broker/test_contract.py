@@ -88,9 +88,31 @@ async def test_finish_appends_only_while_the_lease_holds(broker: Broker) -> None
     assert await broker.renew("s", lease, 5)
     assert await broker.finish("s", done_event("m", "stop"), lease)
     assert await broker.lease("s") is None
-    assert not await broker.finish("s", done_event("m", "stop"), lease)
+    # A retry of a finish that ran (its answer lost) is told it did, and appends nothing more.
+    assert await broker.finish("s", done_event("m", "stop"), lease)
     assert [e.data["type"] for e in await broker.replay("s", 0)] == ["done"]
     assert await broker.acquire("s", Lease("instance-b", "m2", "t2"), 5)
+
+
+async def test_every_change_can_be_retried_without_applying_twice(broker: Broker) -> None:
+    """A call whose answer was lost (a Redis stall past REDIS_TIMEOUT_S) may have run; its
+    retry, or a late copy, must change nothing more (issue #13, item 5)."""
+    await broker.create_session("s")
+    lease = Lease("instance-a", "m", "t1")
+    assert await broker.acquire("s", lease, 5)
+    assert await broker.acquire("s", lease, 5)  # its own lease: not `busy`
+    for _ in range(2):
+        await broker.add_turn("s", "user", "hello", "t1:user")
+        user = await broker.append("s", {"type": "user", "id": "m", "text": "hello"}, "t1:user")
+    await broker.create_session("s")  # never resets a session with events
+    assert await broker.last_seq("s") == user.seq == 1
+    assert await broker.history("s") == [{"role": "user", "content": "hello"}]
+    for _ in range(2):
+        await broker.add_turn("s", "assistant", "hi", "t1:assistant")
+        assert await broker.finish("s", done_event("m", "stop"), lease)
+    assert [e.data["type"] for e in await broker.replay("s", 0)] == ["user", "done"]
+    assert [turn["role"] for turn in await broker.history("s")] == ["user", "assistant"]
+    assert await broker.lease("s") is None
 
 
 async def test_release_frees_the_session(broker: Broker) -> None:
