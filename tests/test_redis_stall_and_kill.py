@@ -156,6 +156,7 @@ async def test_a_redis_stall_past_the_timeout_applies_nothing_twice(
                 assert await _count(admin, SOCKETS_KEY) == SOCKETS
             await _wait_count(admin, 0)
     finally:
+        print(server.output()[-20000:])  # shown by pytest when the test fails
         server.stop()
         redis.stop()
 

@@ -194,9 +194,10 @@ class ChatService:
         reason: protocol.DoneReason = "error"
         try:
             if gen.ticket.position:
-                await self.broker.announce(session, protocol.queued(msg_id, gen.ticket.position))
+                queued = protocol.queued(msg_id, gen.ticket.position)
+                await self._outlast(self.broker.announce, session, queued)
             async with self.admission.slot(gen.ticket):
-                history: list[Message] = await self.broker.history(session)  # type: ignore[assignment]
+                history: list[Message] = await self._outlast(self.broker.history, session)
                 context = self._context(history)
                 gen.context_chars = sum(len(m["content"]) for m in context)
                 async with self.model.stream(context) as reply:
