@@ -57,6 +57,7 @@ const conversation = new Conversation(ui.list, {
 
 const connection = new Connection({
   url: socketUrl,
+  protocols: socketProtocols,
   onFrame: handleFrame,
   onDrop: handleDrop,
   onStatus: (status) => {
@@ -68,16 +69,29 @@ const connection = new Connection({
 
 const token = accessToken();
 
+// The session id and the access token are credentials: they travel as subprotocols (the
+// Sec-WebSocket-Protocol header), not in the URL that balancers and routers log.
 function socketUrl() {
   const url = new URL("/ws", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  if (token) url.searchParams.set("token", token);
   if (state.session) {
-    url.searchParams.set("session", state.session);
     url.searchParams.set("after", String(state.lastSeq));
     if (state.epoch) url.searchParams.set("epoch", state.epoch);
   }
   return url.href;
+}
+
+function socketProtocols() {
+  const protocols = ["chatbot.v1"];
+  if (state.session) protocols.push(`chatbot.session.${state.session}`);
+  if (token) protocols.push(`chatbot.token.${base64url(token)}`);
+  return protocols;
+}
+
+function base64url(text) {
+  const bytes = new TextEncoder().encode(text);
+  const binary = Array.from(bytes, (byte) => String.fromCharCode(byte)).join("");
+  return btoa(binary).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
 }
 
 // Frames.

@@ -1,5 +1,5 @@
 // One WebSocket to /ws that comes back when it drops: jittered exponential backoff, a connect
-// timeout, and a fresh URL (session and resume point) for every attempt.
+// timeout, and a fresh URL (resume point) and subprotocols (credentials) for every attempt.
 
 export const CloseCode = Object.freeze({
   POLICY_VIOLATION: 1008,
@@ -28,13 +28,15 @@ export class Connection {
   /**
    * @param {{
    *   url: () => string,
+   *   protocols: () => string[],
    *   onFrame: (frame: object) => void,
    *   onDrop: (event: CloseEvent) => void,
    *   onStatus: (status: string) => void,
    * }} hooks
    */
-  constructor({ url, onFrame, onDrop, onStatus }) {
+  constructor({ url, protocols, onFrame, onDrop, onStatus }) {
     this.url = url;
+    this.protocols = protocols;
     this.onFrame = onFrame;
     this.onDrop = onDrop;
     this.onStatus = onStatus;
@@ -76,7 +78,7 @@ export class Connection {
     this.retryTimer = null;
     this.ready = false;
     this.#setStatus(again ? this.#troubleStatus() : "connecting");
-    const ws = new WebSocket(this.url());
+    const ws = new WebSocket(this.url(), this.protocols());
     this.ws = ws;
     // A handshake that never completes (a dead route, a stalled proxy) would wait forever.
     const connectTimer = setTimeout(() => ws.close(), CONNECT_TIMEOUT_MS);

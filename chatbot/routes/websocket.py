@@ -27,7 +27,7 @@ from ..errors import BrokerUnavailable, ClientError, RateLimited, SessionExpired
 from ..hypercorn_fixes import ACTIVITY
 from ..protocol import CloseCode
 from ..watchdog import Watchdog
-from .access import token_ok
+from .access import socket_credentials, token_ok
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,15 @@ class ClientGone(Exception):
 class Client:
     """The ASGI side of one socket: what the handler sends and receives, nothing kept besides."""
 
-    __slots__ = ("_receive", "_send")
+    __slots__ = ("_receive", "_send", "subprotocol")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
+        self.subprotocol: str | None = None  # to answer the client's offer with
 
     async def accept(self) -> None:
-        await self._send({"type": "websocket.accept"})
+        await self._send({"type": "websocket.accept", "subprotocol": self.subprotocol})
 
     async def send(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -130,7 +131,13 @@ async def chat_socket(
     if not origin_allowed(origin, headers.get("Host"), config.allowed_origins):
         log.warning("refused websocket from origin %r", origin)
         return await client.refuse(scope, 403, "origin not allowed")
-    if not token_ok(config.access_token, headers, args):
+    try:
+        credentials = socket_credentials(scope.get("subprotocols") or (), args)
+    except ClientError as exc:
+        log.info("refused websocket: %s", exc.message)
+        return await client.refuse(scope, 400, exc.message)
+    client.subprotocol = credentials.subprotocol
+    if not token_ok(config.access_token, headers, credentials.token):
         log.warning("refused websocket without a valid access token")
         return await client.refuse(scope, 401, "a valid access token is required")
     after_arg = args.get("after")
@@ -139,7 +146,7 @@ async def chat_socket(
     ):
         log.info("refused websocket with after=%r", after_arg[:20])
         return await client.refuse(scope, 400, "after must be a seq (a whole number)")
-    asked = args.get("session") or None
+    asked = credentials.session
     if asked is not None:
         try:
             protocol.check_id(asked, "session")
@@ -149,9 +156,7 @@ async def chat_socket(
     if closing.is_set():  # restarting: the client reconnects, through the balancer, elsewhere
         return await client.refuse(scope, 503, "restarting")
     peer = scope.get("client")
-    forwarded = [
-        v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"
-    ]
+    forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == FORWARDED_FOR]
     ip = client_ip(peer[0] if peer else None, forwarded, config.trusted_proxy_hops)
     del headers  # nothing of the handshake is kept for the socket's lifetime but what it needs
     try:

@@ -138,7 +138,8 @@ async def test_reload_restores_the_conversation(page: Page, chat_server: Chatbot
     await expect(messages(page)).to_have_count(2, timeout=WAIT_MS)
     assert await text_of(messages(page, "user")).text_content() == "remember me"
     await expect_reply(messages(page, "assistant"), reply_text("remember me", FAKE_CHUNKS))
-    assert sockets == [f"{chat_server.ws_url}?session={session['id']}&after=0"]
+    # The session id travels as a subprotocol, not in the URL that access logs record.
+    assert sockets == [f"{chat_server.ws_url}?after=0"]
     assert (await stored_session(page) or {})["id"] == session["id"]
 
 
@@ -161,9 +162,9 @@ async def test_drop_mid_reply_reconnects_and_resumes_exactly(page: Page, proxy: 
 
     await expect_reply(reply, reply_text("keep going", 40))
     assert len(sockets) >= 2
-    session = (await stored_session(page) or {})["id"]
     resumed = parse_qs(urlsplit(sockets[-1]).query)
-    assert sockets[-1].startswith(f"ws://127.0.0.1:{proxy.port}/ws?session={session}&after=")
+    # The session id travels as a subprotocol; the URL holds the resume point only.
+    assert sockets[-1].startswith(f"ws://127.0.0.1:{proxy.port}/ws?after=")
     assert int(resumed["after"][0]) > 2  # the user event and some deltas had been seen
     assert len(resumed["epoch"][0]) >= 16  # the epoch its seqs count in, from `ready`
     assert await page.evaluate("window.__chat.statuses") == [
@@ -258,7 +259,7 @@ async def test_an_expired_session_starts_fresh(page: Page, chat_server: ChatbotP
     sockets: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
     await open_chat(page, chat_server.url)
-    assert sockets == [f"{chat_server.ws_url}?session=gone&after=0"]
+    assert sockets == [f"{chat_server.ws_url}?after=0"]  # the session id: a subprotocol
     await expect(page.get_by_test_id("notice")).to_contain_text("expired")
     session = await stored_session(page) or {}
     assert session["id"] != "gone" and session["lastSeq"] == 0
