@@ -18,8 +18,9 @@ import DOMPurify from "./vendor/dompurify/purify.es.mjs";
 
 const OPTIONS = { gfm: true, breaks: false, async: false };
 const SAFE_URL = /^(?:https?:\/\/|mailto:)/i;
-// The start of a fenced code block, or of a table row, not yet ended by a newline.
-const PARTIAL_LINE = /^ {0,3}(?:\||`{1,2}$|~{1,2}$|`{3,}[^`]*$|~{3,})/;
+// A last line, not yet ended by a newline, that may be the start of a fenced code block, a table
+// row, or a list item (which would continue the list before it, not start a block after it).
+const PARTIAL_LINE = /^ {0,3}(?:\||`{1,2}$|~{1,2}$|`{3,}[^`]*$|~{3,}|\d{1,9}[.)]?$|[-+*]$)/;
 const TABLE_LINE = /^ {0,3}\|/;
 
 /** Work done so far (for the browser tests and bench/render.py): renders and characters parsed. */
@@ -274,6 +275,10 @@ export class MarkdownView {
     this.tail = []; // the nodes of the open block(s), replaced on every update
   }
 
+  hasDefinitions(open) {
+    return Object.keys(this.links).length > 0 || /^ {0,3}\[[^\]]+\]:/m.test(open);
+  }
+
   #lex(text) {
     renderStats.parsedChars += text.length;
     renderStats.longestParse = Math.max(renderStats.longestParse, text.length);
@@ -294,7 +299,15 @@ export class MarkdownView {
     const started = performance.now();
     this.text = text;
     this.final = final;
-    const open = text.slice(this.frozenChars);
+    let open = text.slice(this.frozenChars);
+    const whole = final && this.hasDefinitions(open);
+    if (whole) {
+      // A reference link may be used before its definition: the one case where a later block
+      // changes an earlier one. Model output rarely has any; when it does, render it whole once.
+      this.links = Object.create(null);
+      this.frozenChars = 0;
+      open = text;
+    }
     let shown = capNesting(final ? open : settled(open));
     let tokens = this.#lex(shown);
     if (!final) {
@@ -325,7 +338,8 @@ export class MarkdownView {
     }
     // The DOM already shows most of this (the last render): change only what differs, so a
     // long open block (a list of hundreds of items) costs the browser little layout.
-    const live = morphList(this.root, this.tail, [...frozen, ...toNodes(tokens.slice(keep))]);
+    const old = whole ? [...this.root.childNodes] : this.tail;
+    const live = morphList(this.root, old, [...frozen, ...toNodes(tokens.slice(keep))]);
     this.tail = live.slice(frozen.length);
 
     const ms = performance.now() - started;

@@ -167,6 +167,52 @@ async def test_a_reply_mid_stream_shows_no_half_written_markup(
     assert {1 + 1, 1 + 2} <= {f["rows"] for f in frames}, [f["rows"] for f in frames]
 
 
+TRICKY = {
+    "setext heading": "Title\n---\n\nText under it\n===\n\nafter",
+    "list turning loose": "- a\n- b\n\n- c\n\n  still c\n\nafter",
+    "list interrupting a paragraph": "Intro:\n- one\n- two\n1. three\n\n10. ten\n11. eleven",
+    "fences": "````md\n```py\nx\n```\n````\n~~~\ntilde\n~~~\n\n    indented code\n\nend",
+    "table then text": "| a | b |\n|---|:-:|\n| 1 | 2 |\nthree\n\n| x |\n|---|\n\npara",
+    "definition after use": "See [the docs][d] and [d].\n\n- [ref][d]\n\n[d]: https://example.com/d",
+    "definition before use": "[d]: https://example.com/d 'Docs'\n\nSee [the docs][d].",
+    "quotes and html": "> quoted\nlazy\n\n<div>\n*raw*\n</div>\n\n<br> inline <b>x</b>",
+    "crlf": "one\r\ntwo\r\n\r\n- item\r\n- item\r\n\r\n```\r\ncode\r\n```",
+    "emphasis across lines": "**bold\nacross** and *em\nphasis* and `code\nspan` done",
+    "headings and rules": "# One\n## Two\n***\n### Three\n___\ntext\n- - -",
+}
+
+
+async def test_streaming_renders_exactly_what_a_whole_render_does(
+    page: Page, chat_server: ChatbotProcess
+) -> None:
+    """Block by block, character by character: the finished reply is what one render gives."""
+    await open_chat(page, chat_server.url)
+    results = await render_module(
+        page,
+        "return Object.entries(arg).map(([name, md]) => {"
+        "  const streamed = document.createElement('div');"
+        "  const view = new render.MarkdownView(streamed);"
+        "  for (let i = 1; i <= md.length; i++) view.update(md.slice(0, i), false);"
+        "  view.update(md, true);"
+        "  const whole = document.createElement('div');"
+        "  new render.MarkdownView(whole).update(md, true);"
+        "  return [name, streamed.innerHTML, whole.innerHTML];"
+        "});",
+        TRICKY,
+    )
+    for name, streamed_html, whole_html in results:
+        assert streamed_html == whole_html, name
+        assert whole_html, name
+    links = await render_module(
+        page,
+        "const div = document.createElement('div');"
+        "new render.MarkdownView(div).update(arg, true);"
+        "return [...div.querySelectorAll('a')].map((a) => a.getAttribute('href'));",
+        TRICKY["definition after use"],
+    )
+    assert links == ["https://example.com/d"] * 3
+
+
 LONG_TASKS = """
 window.__longTasks = [];
 new PerformanceObserver((list) => {
