@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from hypercorn.config import Config
 from quart import Quart
 
-from . import hypercorn_fixes, logs, metrics
+from . import collector, hypercorn_fixes, logs, metrics
 from .errors import SettingsError
 from .settings import Settings
 
@@ -25,14 +24,6 @@ log = logging.getLogger("chatbot")
 
 # Hypercorn's default backlog of 100 drops handshakes when many clients connect at once.
 LISTEN_BACKLOG = 2048
-
-# Python's cyclic GC runs a young collection every 700 net allocations, and every so often a full
-# one over every object: with thousands of sockets each holding hundreds of objects, that made
-# opening a socket cost 0.89 ms of CPU instead of 0.55 (3,000 sockets, docs/benchmarks.md). The
-# server allocates in bursts (a frame, a token) that reference counting frees anyway. Measured
-# with gc.callbacks at steady N=1,000: (50_000, 10, 10) spent 5.5 % of the CPU in collections,
-# mostly middle-generation ones; these thresholds 2.7 %.
-GC_THRESHOLDS = (200_000, 20, 10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,6 +129,7 @@ async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) ->
     # After the app's own start-up hook: the broker and model clients it opens import most of
     # the process's modules (753 of them), and those belong to what is never scanned too.
     app.before_serving(tune_gc)
+    app.while_serving(collector.run_full_collections)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,10 +153,8 @@ async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) ->
 
 
 async def tune_gc() -> None:
-    """Collect cycles less often, and never scan what startup created (modules, the app)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    """The collector's policy for serving (chatbot/collector.py), its pauses timed."""
+    collector.install()
     metrics.time_gc()
 
 

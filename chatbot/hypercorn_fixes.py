@@ -18,6 +18,10 @@ Hypercorn 0.18 has no setting for any of these (docs/security.md lists the attac
 - **Pongs are dropped.** A client that only listens (answering our pings) looked idle to the app.
   Every ping or pong received is passed on as an `ACTIVITY` message.
 - **permessage-deflate is always offered**; `EdgeGuard` declines it unless asked to accept it.
+- **Every closed connection is a reference cycle.** Hypercorn's `TCPServer` holds its protocol,
+  which holds the server's `protocol_send`: ~40 objects per connection (and its buffers) that
+  only the cyclic GC frees, which `chatbot serve` runs rarely over old objects
+  (chatbot/collector.py). `_serve_connection` empties the server once its connection is done.
 
 Each fix replaces a Hypercorn method or wsproto hook whose source was read for this; `install`
 checks those sources' fingerprints and refuses to start on a version they no longer match, so
@@ -31,6 +35,7 @@ import hashlib
 import inspect
 from typing import Any, ClassVar
 
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data, StreamClosed
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
@@ -53,6 +58,7 @@ FINGERPRINTS = {
     "hypercorn Handshake.accept": "e163533bf7919793",
     "wsproto FrameDecoder.process_buffer": "f19287e506f3178b",
     "wsproto FrameDecoder.parse_header": "ea1c4e4acf5fa1b3",
+    "hypercorn TCPServer.run": "9437d01a916d887b",
 }
 
 
@@ -64,6 +70,7 @@ def _upstream() -> dict[str, Any]:
         "hypercorn Handshake.accept": Handshake.accept,
         "wsproto FrameDecoder.process_buffer": FrameDecoder.process_buffer,
         "wsproto FrameDecoder.parse_header": FrameDecoder.parse_header,
+        "hypercorn TCPServer.run": _ORIGINAL_RUN,
     }
 
 
@@ -97,6 +104,7 @@ def install(max_message_bytes: int, *, deflate: bool) -> None:
     WSStream._handle_events = _handle_events  # type: ignore[method-assign]
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
     WSStream.handle = _handle  # type: ignore[method-assign]
+    TCPServer.run = _serve_connection  # type: ignore[method-assign]
 
 
 class EdgeGuard(PerMessageDeflate):
@@ -171,6 +179,17 @@ class EdgeGuard(PerMessageDeflate):
 
 
 _ORIGINAL = {name: getattr(WSStream, name) for name in ("_handle_events", "_send_pings", "handle")}
+_ORIGINAL_RUN = TCPServer.run
+
+
+async def _serve_connection(self: TCPServer) -> None:
+    """Hypercorn's `TCPServer.run`, then the server emptied: nothing uses it once its connection
+    is closed and its task group has ended, and the references between it and its protocol
+    would otherwise leave the whole connection to the cyclic GC."""
+    try:
+        await _ORIGINAL_RUN(self)
+    finally:
+        self.__dict__.clear()
 
 
 async def _handle_events(self: WSStream) -> None:
