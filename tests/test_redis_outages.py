@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 import websockets
@@ -24,7 +22,7 @@ from chatbot.fake_openai import parse_prompt, reply_text
 
 from .support.frames import FrameReader, seqs, text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess, free_port
-from .support.waiting import wait_until
+from .support.waiting import readiness, wait_ready, wait_until
 
 REDIS_TIMEOUT_S = 1.0
 CANARY_INTERVAL_S = 0.5
@@ -86,36 +84,6 @@ async def connect(
     finally:
         async with asyncio.timeout(5):
             await ws.close()
-
-
-async def readiness(server: ChatbotProcess) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as http:
-        reply = await http.get(server.url + "/readyz")
-    body: dict[str, Any] = reply.json()
-    body["http_status"] = reply.status_code
-    return body
-
-
-async def wait_ready(servers: list[ChatbotProcess], timeout_s: float) -> float:
-    """Seconds until every server's /readyz is 200; fails with their last answers after
-    `timeout_s`."""
-    started = time.monotonic()
-    last: dict[str, Any] = {}
-
-    async def all_ready() -> bool:
-        for server in servers:
-            try:
-                last[server.name] = await readiness(server)
-            except httpx.HTTPError as exc:
-                last[server.name] = repr(exc)
-                return False
-        return all(isinstance(b, dict) and b["http_status"] == 200 for b in last.values())
-
-    try:
-        await wait_until(all_ready, timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"not ready {timeout_s} s after Redis's return: {last}") from None
-    return time.monotonic() - started
 
 
 async def wait_unready(server: ChatbotProcess) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import NEW_EPOCH, RESYNC, Broker, Event, Hub, Lease, Subscription, cancelling
+from .base import GONE, NEW_EPOCH, RESYNC, Broker, Event, Hub, Lease, Subscription, cancelling
 
 __all__ = [
+    "GONE",
     "NEW_EPOCH",
     "RESYNC",
     "Broker",

@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_MAX_BYTES: Final = 1024 * 1024
+GONE: Final = "this session is gone (expired, or lost by the server); start a new one"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,9 @@ class Broker(Protocol):
 
     async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         """Give `event` the next seq, log it, publish it to the session's subscribers.
+
+        `SessionExpired` when the session does not exist (it expired, or Redis lost it): started
+        afresh at seq 1 it would reuse seqs its sockets have seen.
 
         `key` makes a retry safe: when the session's last appended event had the same key, that
         event is returned and nothing is appended (a call whose answer was lost to a broken

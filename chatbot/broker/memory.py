@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import SessionExpired
 from ..protocol import encode, new_id
-from .base import SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
+from .base import GONE, SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
 
 # A logged event as the log keeps it: (seq, frame), its JSON text, parsed again for a replay as
 # the Redis log's entries are. A tuple of an int and a string is untracked by the first young
@@ -79,9 +80,7 @@ class MemoryBroker:
     async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         state = self._live(session)
         if state is None:
-            # Expired while a client was still talking to it: start it again rather than fail.
-            await self.create_session(session)
-            state = self._sessions[session]
+            raise SessionExpired(GONE)
         if key is not None and key == state.last_key and state.log:
             return Event.from_frame(state.log[-1][1])
         state.last_key = key

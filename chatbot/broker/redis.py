@@ -48,10 +48,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
-from ..errors import BrokerUnavailable, EpochChanged
+from ..errors import BrokerUnavailable, EpochChanged, SessionExpired
 from ..protocol import encode, new_id
 from ..settings import Settings
 from .base import (
+    GONE,
     NEW_EPOCH,
     RESYNC,
     SUBSCRIPTION_MAX_BYTES,
@@ -89,12 +90,14 @@ end
 """
 
 
-# Appends one event: next seq, log entry, TTL refresh, fan-out. ARGV[1] and ARGV[2] are the frame's
-# JSON before and after the seq value, so the frame is built without decoding JSON in Lua. ARGV[5]
-# is the event's idempotency key ('' for none): the same key as the last append returns that
-# append's seq and does nothing (a retry of a call whose answer was lost).
+# Appends one event: next seq, log entry, TTL refresh, fan-out; 0, appending nothing, when the
+# session does not exist (it expired, or Redis lost it: recreated, it would reuse seqs). ARGV[1]
+# and ARGV[2] are the frame's JSON before and after the seq value, so the frame is built without
+# decoding JSON in Lua. ARGV[5] is the event's idempotency key ('' for none): the same key as the
+# last append returns that append's seq and does nothing (a retry of a call whose answer was lost).
 _APPEND = (
     """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
   return tonumber(redis.call('HGET', KEYS[1], 'seq'))
 end
@@ -489,8 +492,8 @@ class RedisBroker:
                 await self._on_listening()
 
     async def _on_listening(self) -> None:
-        await self._check_epoch()  # before the resync: a new epoch makes sockets start over
         if self._listened:
+            await self._check_epoch()  # before the resync: a new epoch makes sockets start over
             self.reconnects += 1
             log.info("redis pub/sub listener back; resyncing local sockets")
             # A Redis that restarted lost the `subs` sets: join every local session again. If
@@ -597,6 +600,8 @@ class RedisBroker:
         args = self._event_args(session, event, key)
         with _unavailable("appending an event"):
             seq = int(await self._batched(self._append, _session_keys(session), args))
+        if not seq:
+            raise SessionExpired(GONE)
         return self._logged(session, event, seq, args)
 
     def _logged(self, session: str, event: dict[str, Any], seq: int, args: list[Any]) -> Event:

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from .. import protocol
-from ..broker import NEW_EPOCH, RESYNC, Broker, Event, Subscription, cancelling
+from ..broker import GONE, NEW_EPOCH, RESYNC, Broker, Event, Subscription, cancelling
 from ..errors import BrokerUnavailable, SessionExpired
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Feed:
             notices.append(protocol.encode(done))
         if last is None:
             log.info("session %s… lost with the broker's data", session[:6])
-            expired = SessionExpired("this session was lost by the server; start a new one")
+            expired = SessionExpired(GONE)
             notices += [protocol.encode(protocol.refusal(expired)), _END]
         else:
             log.info("session %s… starts over in epoch %s", session[:6], epoch)

@@ -226,7 +226,7 @@ class ChatService:
                 protocol.reply_error_event(msg_id, exc.code, exc.message),
                 f"{gen.lease.token}:!",
             )
-        except EpochChanged:
+        except (EpochChanged, SessionExpired):  # the broker lost the data under it
             gen.lost = True
             reason = "interrupted"
         except BrokerUnavailable:
@@ -270,7 +270,7 @@ class ChatService:
     async def _append_quietly(self, session: str, event: dict[str, Any], key: str) -> None:
         try:
             await self._outlast(self.broker.append, session, event, key)
-        except BrokerUnavailable:
+        except (BrokerUnavailable, SessionExpired):
             log.error("could not record a reply error in session %s…", session[:6])
 
     async def _outlast(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:

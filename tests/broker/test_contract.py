@@ -73,6 +73,7 @@ async def test_subscribers_get_live_events_of_their_session_only(broker: Broker)
     for s in ("s", "other"):
         await broker.create_session(s)
     async with broker.subscribe("s") as one, broker.subscribe("s") as two:
+        await broker.create_session("other")
         await broker.append("other", user_event("x", "not for you"))
         appended = await broker.append("s", user_event("m", "hello"))
         assert (await next_event(one)).frame == appended.frame
