@@ -8,6 +8,7 @@ for the whole session, which is why every async fixture and test here uses the s
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,8 @@ class PageErrors:
         return page
 
     def _console(self, page: Page, message: ConsoleMessage) -> None:
-        if message.type == "error" and "Content Security Policy" in message.text:
+        # A CSP or Trusted Types violation (the latter's message names no policy).
+        if message.type == "error" and re.search(r"Content Security Policy|Trusted", message.text):
             self.errors.append(f"{page.url}: {message.text}")
 
 

@@ -352,6 +352,31 @@ async def test_hostile_markdown_stays_inert(page: Page, chat_server: ChatbotProc
         assert source.replace("&#58;", ":") in prose or source in prose, source
 
 
+async def test_only_the_sanitizer_may_turn_text_into_html(
+    browser: Browser, chat_server: ChatbotProcess
+) -> None:
+    """Trusted Types (the page's CSP): a string assigned to innerHTML anywhere in the page throws,
+    so a future bug that bypasses DOMPurify fails loudly instead of rendering model output."""
+    context = await browser.new_context()  # unwatched: this test breaks the rule on purpose
+    try:
+        page = await context.new_page()
+        await open_chat(page, chat_server.url)
+        outcome = await page.evaluate(
+            "() => { try { document.createElement('div').innerHTML = '<b>x</b>'; return 'written';"
+            " } catch (error) { return error.name; } }"
+        )
+        assert outcome == "TypeError"
+        bold = await render_module(
+            page,
+            "const div = document.createElement('div');"
+            "new render.MarkdownView(div).update('**still renders**', true);"
+            "return div.querySelector('strong')?.textContent;",
+        )
+        assert bold == "still renders"
+    finally:
+        await context.close()
+
+
 BOMBS = {
     "nested emphasis": "**" + "*a **" * 4_000,
     "underscores": "_a" * 10_000,
