@@ -8,6 +8,7 @@ from chatbot.fake_openai import FakeOpenAI, reply_text
 from chatbot.settings import Settings
 
 from .conftest import Socket
+from .support.waiting import wait_until
 
 
 async def test_chat_answers_one_stateless_turn(app, fake: FakeOpenAI) -> None:
@@ -37,8 +38,12 @@ async def test_health_and_readiness(app, settings: Settings) -> None:
     client = app.test_client()
     health = await client.get("/healthz")
     assert health.status_code == 200
+
+    async def ready_now() -> bool:  # Redis mode: ready once the pub/sub subscription is confirmed
+        return (await client.get("/readyz")).status_code == 200
+
+    await wait_until(ready_now, timeout_s=10)
     ready = await client.get("/readyz")
-    assert ready.status_code == 200
     body = await ready.get_json()
     assert body["status"] == "ready"
     assert body["broker"]["backend"] == ("redis" if settings.redis_url else "memory")
