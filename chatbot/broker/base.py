@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -38,6 +38,19 @@ class Event:
     def from_frame(cls, frame: str) -> Event:
         data = json.loads(frame)
         return cls(seq=data["seq"], data=data, frame=frame)
+
+
+def take_page(frames: Iterable[str], max_bytes: int | None) -> list[Event]:
+    """The events of `frames`, up to the first whose frames reach `max_bytes` characters (at
+    least one): a page of `Broker.replay`."""
+    events: list[Event] = []
+    total = 0
+    for frame in frames:
+        events.append(Event.from_frame(frame))
+        total += len(frame)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return events
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +243,10 @@ class Broker(Protocol):
         and appends nothing more, as long as nothing was appended since.
         """
 
-    async def replay(self, session: str, after: int) -> list[Event]:
-        """Logged events with seq > `after`, in order (the oldest may have been trimmed)."""
+    async def replay(self, session: str, after: int, max_bytes: int | None = None) -> list[Event]:
+        """Logged events with seq > `after`, in order (the oldest may have been trimmed); with
+        `max_bytes`, only the first of them, up to the first whose frames reach that many
+        characters (at least one event): a page. A page shorter than `max_bytes` is the last."""
 
     def subscribe(
         self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import SessionExpired
 from ..protocol import encode, new_id
+from . import base
 from .base import GONE, SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
 
 # A logged event as the log keeps it: (seq, frame), its JSON text, parsed again for a replay as
@@ -106,11 +107,11 @@ class MemoryBroker:
         await self.append(session, event, key)
         return True
 
-    async def replay(self, session: str, after: int) -> list[Event]:
+    async def replay(self, session: str, after: int, max_bytes: int | None = None) -> list[Event]:
         state = self._live(session)
         if state is None or after >= state.seq:
             return []
-        return [Event.from_frame(frame) for seq, frame in state.log or () if seq > after]
+        return base.take_page((frame for seq, frame in state.log or () if seq > after), max_bytes)
 
     @asynccontextmanager
     async def subscribe(

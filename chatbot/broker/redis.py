@@ -62,6 +62,7 @@ from .base import (
     Lease,
     Subscription,
     cancelling,
+    take_page,
 )
 from .hiredis_packing import use_hiredis_packing
 from .redis_batches import Batcher
@@ -74,6 +75,7 @@ LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
 INSTANCES: Final = f"{PREFIX}:instances"
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
+REPLAY_BATCH: Final = 100  # log entries per XRANGE of a paged replay
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 2.0)  # first and longest wait between listener restarts
 
@@ -631,11 +633,22 @@ class RedisBroker:
             self._logged(session, event, seq, args)
         return bool(seq)
 
-    async def replay(self, session: str, after: int) -> list[Event]:
+    async def replay(self, session: str, after: int, max_bytes: int | None = None) -> list[Event]:
         _, stream, *_ = _session_keys(session)
+        count = None if max_bytes is None else REPLAY_BATCH
+        events: list[Event] = []
+        left = max_bytes
         with _unavailable("replaying a session"):
-            entries = await self._redis.xrange(stream, min=f"({after}-0", max="+")
-        return [Event.from_frame(fields["f"]) for _, fields in entries]
+            while True:  # with `max_bytes`, a page: REPLAY_BATCH entries at a time
+                entries = await self._redis.xrange(stream, min=f"({after}-0", max="+", count=count)
+                page = take_page((fields["f"] for _, fields in entries), left)
+                events += page
+                if left is None or len(entries) < REPLAY_BATCH:
+                    return events
+                left -= sum(len(event.frame) for event in page)
+                if left <= 0:
+                    return events
+                after = page[-1].seq
 
     @asynccontextmanager
     async def subscribe(

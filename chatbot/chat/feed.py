@@ -24,6 +24,10 @@ from ..errors import BrokerUnavailable, SessionExpired
 
 log = logging.getLogger(__name__)
 
+# A replay is read from the log this many characters of frames at a time (or SOCKET_BACKLOG_BYTES
+# if less): what a socket holds of it, where the whole log (up to SESSION_LOG_MAX_EVENTS events)
+# was held by every socket that asked for `after=0`.
+REPLAY_PAGE_BYTES = 64 * 1024
 REPLAY_RETRY_S = (0.05, 2.0)  # first and longest wait between replay attempts in an outage
 _END = "\x00end"  # a local item no frame can equal: frames are JSON objects
 T = TypeVar("T")
@@ -36,13 +40,17 @@ class Feed:
     writes everything and frames never interleave mid-write.
     """
 
-    def __init__(self, broker: Broker, sub: Subscription, after: int) -> None:
+    def __init__(
+        self, broker: Broker, sub: Subscription, after: int, page_bytes: int | None = None
+    ) -> None:
         self._broker = broker
         self._sub = sub
         self.last_seq = after
-        # Events read from the log, still to send, newest first (popped from the end). Refilled
-        # only when empty; a list, not a deque, because an idle socket holds one.
+        # Events read from the log, still to send, newest first (popped from the end): one page
+        # of the replay (`page_bytes` of frames), the next read once it is sent. A list, not a
+        # deque, because an idle socket holds one.
         self._backlog: list[Event] = []
+        self._page_bytes = page_bytes
         self._replay_needed = True
         self.epoch = broker.epoch  # what the client was told the seqs belong to
         self._open_reply: str | None = None  # the reply the client saw begin and not end
@@ -80,8 +88,8 @@ class Feed:
                     return self._sent(event)
                 continue
             if self._replay_needed:
-                self._backlog = (await self._replay())[::-1]
-                self._replay_needed = False
+                page, self._replay_needed = await self._replay()
+                self._backlog = page[::-1]
                 continue
             item = await self._sub.get()
             if item is _END:
@@ -96,8 +104,10 @@ class Feed:
                 if item.seq == self.last_seq + 1:
                     return self._sent(item)
                 # A gap: fetch it from the log. The log holds `item` too (events are logged
-                # before they are published); if it was trimmed meanwhile, `item` still follows.
-                self._backlog = [item, *reversed(await self._replay())]
+                # before they are published); if it was trimmed meanwhile, `item` still follows
+                # (unless more pages follow: the log's later pages hold it).
+                page, self._replay_needed = await self._replay()
+                self._backlog = page[::-1] if self._replay_needed else [item, *reversed(page)]
 
     def _sent(self, event: Event) -> str:
         self.last_seq = event.seq
@@ -133,8 +143,12 @@ class Feed:
         self._open_reply = None
         self._notices = notices[::-1]
 
-    async def _replay(self) -> list[Event]:
-        return await self._retrying(self._broker.replay, self._sub.session, self.last_seq)
+    async def _replay(self) -> tuple[list[Event], bool]:
+        """The next page of the log after `last_seq`, and whether more may follow it."""
+        size = self._page_bytes
+        page = await self._retrying(self._broker.replay, self._sub.session, self.last_seq, size)
+        more = size is not None and sum(len(event.frame) for event in page) >= size
+        return page, more
 
     async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """A read of the log. While the broker is down the socket stays open and waits: the
@@ -153,5 +167,7 @@ class Feed:
 async def open_feed(
     broker: Broker, session: str, after: int, max_bytes: int
 ) -> AsyncIterator[Feed]:
+    """A feed whose live queue and replay pages each hold at most about `max_bytes` of frames
+    (SOCKET_BACKLOG_BYTES): a replay of the whole log is read a page at a time as it is sent."""
     async with broker.subscribe(session, max_bytes) as sub:
-        yield Feed(broker, sub, after)
+        yield Feed(broker, sub, after, min(max_bytes, REPLAY_PAGE_BYTES))

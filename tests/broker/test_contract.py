@@ -35,6 +35,20 @@ async def test_append_numbers_events_and_replay_returns_them_in_order(broker: Br
     assert await broker.replay("s", 2) == []
 
 
+async def test_a_replay_reads_a_page_of_at_most_max_bytes(broker: Broker) -> None:
+    await broker.create_session("s")
+    for _ in range(250):
+        await broker.append("s", delta_event("m", "x" * 100))
+    size = len((await broker.replay("s", 0))[0].frame)
+    # Pages within one XRANGE batch of the Redis backend, across several, and past the log's end.
+    for after, max_bytes in [(0, 10 * size), (10, 150 * size), (200, 1000 * size), (5, 1)]:
+        page = await broker.replay("s", after, max_bytes=max_bytes)
+        lengths = [len(e.frame) for e in page]
+        assert [e.seq for e in page] == list(range(after + 1, after + 1 + len(page)))
+        assert page[-1].seq == 250 or sum(lengths) >= max_bytes  # full, or the log's end
+        assert sum(lengths[:-1]) < max_bytes  # not one event more than needed
+
+
 async def test_concurrent_appends_of_many_sessions_keep_each_sessions_order(
     broker: Broker,
 ) -> None:

@@ -74,6 +74,15 @@ class RawSocket:
             (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
         return first & 0x0F, await self.reader.readexactly(length)
 
+    async def read_text(self) -> str:
+        """The next text frame's text, skipping the server's pings."""
+        while True:
+            opcode, payload = await self.read_frame()
+            if opcode == TEXT:
+                return payload.decode()
+            if opcode == CLOSE:
+                raise ConnectionError(f"closed: {payload[:2].hex()} {payload[2:].decode()}")
+
     async def read_until_close(self, timeout_s: float = 10.0) -> tuple[int, str]:
         """Skip frames until the close frame: its code and reason."""
         async with asyncio.timeout(timeout_s):
