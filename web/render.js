@@ -5,13 +5,16 @@
 // http(s) or mailto (otherwise its Markdown source is shown as text), images are never loaded
 // (they become links), and every link opens in a new tab without an opener or a referrer.
 // DOMPurify then keeps only the tags and attributes this renderer writes. The page's CSP
-// (index.html) is the last line: only our own scripts run, and no inline style applies.
+// (index.html) is the last line: only our own scripts run, no inline style applies, and Trusted
+// Types let nothing but DOMPurify turn a string into HTML.
 //
 // A streaming reply is rendered by a MarkdownView, which parses only the part of the reply whose
 // blocks may still change: blocks followed by another block are final (CommonMark decides block
 // boundaries line by line), so they are rendered once and kept; each update re-renders only the
-// last, open block. A line that could still become a code fence or a table row is held back
-// until it is complete, so a reply mid-stream shows no stray backticks or pipes.
+// last, open block, and changes only the DOM nodes that differ. What is still half-written is held
+// back until it is complete: a line that may become a code fence, a table row or a list item, a
+// table's header before its delimiter row, and an emphasis, code span or link opened on the last
+// line, so a reply mid-stream shows no stray backticks, pipes or asterisks.
 
 import { Lexer, Parser, Renderer } from "./vendor/marked/marked.esm.js";
 import DOMPurify from "./vendor/dompurify/purify.es.mjs";
@@ -167,8 +170,11 @@ function heldBack(text, tokens) {
 }
 
 const LIST_BULLET = /^[ \t]*(?:[-+*]|\d{1,9}[.)])[ \t]/;
+// A marker opened further back than this is taken for a literal character ("a < b", "5 * 3"):
+// holding it back would stall a long line until it ends.
+const MAX_HELD_CHARS = 160;
 
-/** Where the first marker left open on `line` starts, or -1. */
+/** Where the first marker left open near the end of `line` starts, or -1. */
 function unclosedAt(line) {
   const body = line.replace(LIST_BULLET, (bullet) => " ".repeat(bullet.length));
   let at = -1;
@@ -190,7 +196,7 @@ function unclosedAt(line) {
   }
   const angle = outside.lastIndexOf("<");
   if (angle >= 0 && !outside.includes(">", angle)) hold(angle);
-  return at;
+  return at >= 0 && line.length - at <= MAX_HELD_CHARS ? at : -1;
 }
 
 // Quotes and lists nested deeper than this on one line (only hostile text does that) would

@@ -203,6 +203,19 @@ async def test_streaming_renders_exactly_what_a_whole_render_does(
     for name, streamed_html, whole_html in results:
         assert streamed_html == whole_html, name
         assert whole_html, name
+    # A literal '<' or '*' early in a long line does not stall the rest of it.
+    line = "If a < b and 5 * 3 > 14, then " + "the line goes on " * 40
+    shown = await render_module(
+        page,
+        "const div = document.createElement('div');"
+        "const view = new render.MarkdownView(div);"
+        "const sizes = [];"
+        "for (let i = 1; i <= arg.length; i++) {"
+        "  view.update(arg.slice(0, i), false); sizes.push(div.textContent.length); }"
+        "return sizes;",
+        line,
+    )
+    assert all(size >= n - 170 for n, size in enumerate(shown, start=1)), shown
     links = await render_module(
         page,
         "const div = document.createElement('div');"
