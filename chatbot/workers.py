@@ -13,11 +13,13 @@ instance does (1012 to every socket, replies finish within SHUTDOWN_GRACE_S), an
 they all have. Heroku sends SIGTERM to every process of the dyno anyway; a second one is
 harmless. A worker that dies while the others serve (killed, say by the OOM killer) is started
 again, unless it failed during its start-up (a port taken, Redis refusing it), which would only
-repeat: then everything stops with its exit status.
+repeat: then everything stops with its exit status. Should the supervisor itself be killed, the
+kernel sends each worker SIGTERM (Linux's parent-death signal), so none serves on orphaned.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -45,6 +47,13 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _die_with_parent() -> None:
+    """In a worker before it runs: SIGTERM when the supervisor dies (Linux; elsewhere nothing)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def supervise(workers: int, argv: Sequence[str]) -> int:
     """Run `workers` copies of `chatbot <argv> --workers 1 --reuse-port` until they all exit;
     return 0 if every one stopped cleanly, else the first failure's exit status."""
@@ -54,7 +63,8 @@ def supervise(workers: int, argv: Sequence[str]) -> int:
     status = 0
 
     def start() -> None:
-        process = subprocess.Popen(command)
+        # The supervisor runs no threads, so a pre-exec function is safe here.
+        process = subprocess.Popen(command, preexec_fn=_die_with_parent)
         started[process.pid] = (process, time.monotonic())
         log.info("worker %d started", process.pid)
 

@@ -61,6 +61,7 @@ async def two_workers(
         "SHUTDOWN_GRACE_S": "10",
     }
     server = ChatbotProcess(env, name="chatbot-workers", args=("--workers", "2")).start()
+    workers: list[int] = []
     try:
         instances: set[str] = set()
         async with httpx.AsyncClient(timeout=2) as client:
@@ -72,9 +73,13 @@ async def two_workers(
                 return len(instances) == 2 and len(children(server.pid)) == 2
 
             await wait_until(both_ready, timeout_s=30)
-        yield server, children(server.pid)
+        workers = children(server.pid)
+        yield server, workers
     finally:
         server.stop()
+        for pid in workers:  # none should be left; if one is, it must not outlive the test
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_two_workers_serve_one_session_and_drain_on_sigterm(
@@ -130,6 +135,30 @@ async def test_a_killed_worker_is_replaced(two_workers: tuple[ChatbotProcess, li
         await client.send({"type": "message", "text": "still here"})
         assert text_of(await client.until_done()) == expected("still here", 5)
     assert server.proc.poll() is None  # type: ignore[union-attr]
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(
+    two_workers: tuple[ChatbotProcess, list[int]],
+) -> None:
+    """SIGKILL to the supervisor: the kernel sends each worker SIGTERM, and they drain and exit
+    instead of serving on, orphaned, on the port."""
+    server, workers = two_workers
+    server.kill()
+
+    async def gone() -> bool:
+        return not any(_alive(pid) for pid in workers)
+
+    await wait_until(gone, timeout_s=30)
+    assert server.output().count("shutting down: draining sockets and replies") == 2
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (dead) parent's reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_workers_without_redis_are_refused() -> None:
