@@ -54,7 +54,9 @@ class Feed:
         self._replay_needed = True
         self.epoch = broker.epoch  # what the client was told the seqs belong to
         self._open_reply: str | None = None  # the reply the client saw begin and not end
-        self._notices: list[str] = []  # frames to send before anything else, first last
+        # Frames to send before anything else, first last; a shared empty tuple while there
+        # are none (an idle socket holds one of these).
+        self._notices: list[str] | tuple[()] = ()
 
     def push_local(self, frame: str) -> None:
         self._sub.push(frame)
