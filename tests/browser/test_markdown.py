@@ -152,7 +152,7 @@ async def test_a_reply_mid_stream_shows_no_half_written_markup(
 ) -> None:
     await page.add_init_script(FRAME_RECORDER)
     await open_chat(page, chat_server.url)
-    await reply_to(page, streamed(SAMPLE, split=3, interval_ms=10), timeout_ms=30_000)
+    await reply_to(page, streamed(SAMPLE, split=3, interval_ms=20), timeout_ms=60_000)
     frames: list[dict[str, Any]] = await page.evaluate("window.__frames")
     assert len(frames) > 20, frames  # it streamed, render by render
 
@@ -450,6 +450,13 @@ async def test_the_renderer_alone_refuses_every_unsafe_url(
 # 4. Accessibility.
 
 AXE_SOURCE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+WIDE_TABLE = (
+    "| a rather wide | table | with | many | columns | that | overflow | a phone |\n"
+    + "|---" * 8
+    + "|\n"
+    + "".join(f"| {n} " for n in range(8))
+    + "|"
+)
 
 
 async def serious_violations(page: Page) -> list[dict[str, Any]]:
@@ -478,7 +485,9 @@ async def test_axe_finds_no_serious_violations(
         page = await context.new_page()
         await open_chat(page, chat_server.url)
         assert await serious_violations(page) == []  # the empty page
-        await reply_to(page, streamed(SAMPLE, split=200))
+        await reply_to(page, streamed(f"{SAMPLE}\n\n{WIDE_TABLE}", split=200))
+        # Nothing wider than the screen: a wide table or code line scrolls inside its message.
+        assert await page.evaluate("document.documentElement.scrollWidth") <= width
         failed = messages(page, "assistant").nth(1)
         await send(page, "[[fake:status=400]] this one fails")
         await expect(failed).to_have_attribute("data-state", "error", timeout=WAIT_MS)
