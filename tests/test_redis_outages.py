@@ -323,6 +323,8 @@ async def test_redis_restored_from_an_older_snapshot_starts_sockets_over_in_a_ne
                 assert resync["epoch"] != sock.ready["epoch"] and resync["seq"] == len(kept)
                 assert await sock.until(lambda f: f["seq"] == len(kept)) == kept
             await wait_ready(servers, BACK_WITHIN_S)
+            for server in servers:  # both instances are in the new epoch
+                assert (await readiness(server))["broker"]["epoch"] == resync["epoch"]
             await b.say("after", "m3")
             for sock in (a, b):
                 frames = await sock.until_done()

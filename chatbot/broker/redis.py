@@ -426,6 +426,7 @@ class RedisBroker:
             "listening": self._listening,
             "canary_age_s": canary_age_s,
             "reconnects": self.reconnects,
+            "epoch": self._epoch.id,
             "local_subscriptions": len(self._hub),
         }
 
