@@ -19,6 +19,7 @@ from ..errors import (
     Overloaded,
     RateLimited,
     Restarting,
+    SessionExpired,
     UpstreamError,
 )
 from .access import JsonReply, access_refusal, request_ip, too_many
@@ -81,6 +82,8 @@ async def ask() -> JsonReply:
         return {"error": exc.message}, 400
     except Busy as exc:
         return {"error": exc.message}, 409
+    except SessionExpired as exc:  # it expired, or Redis lost it, while this request ran
+        return {"error": exc.message}, 410
     except (Restarting, Overloaded) as exc:
         return {"error": exc.message}, 503
     except BrokerUnavailable:
