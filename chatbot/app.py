@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from quart import Quart, Response, current_app, request
 from quart.sessions import NullSession
 
-from . import logs, metrics
+from . import descriptors, logs, metrics
 from .broker import open_broker
 from .chat.service import ChatService
 from .llm import open_model
@@ -83,6 +83,14 @@ def create_app(settings: Settings | None = None) -> Quart:
             model.name,
             " (offline demo)" if model.demo else "",
         )
+
+    @app.while_serving
+    async def watch_descriptors() -> AsyncIterator[None]:
+        watcher = asyncio.ensure_future(descriptors.watch())
+        yield
+        watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await watcher
 
     @app.after_serving
     async def stop() -> None:

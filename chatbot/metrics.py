@@ -38,6 +38,14 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()
 
 SOCKETS_OPEN = Gauge("chatbot_websockets_open", "WebSockets open on this instance.")
+DESCRIPTORS_EXHAUSTED = Gauge(
+    "chatbot_descriptors_exhausted",
+    "1 while this process has (nearly) no file descriptor left: new connections are refused.",
+)
+DESCRIPTOR_EXHAUSTIONS = Counter(
+    "chatbot_descriptors_exhaustions_total",
+    "Times this process ran (nearly) out of file descriptors.",
+)
 SOCKETS_CONNECTED = Counter(
     "chatbot_websockets_connected_total", "WebSockets that passed the checks and got a session."
 )

@@ -61,6 +61,7 @@ class Settings:
     max_generations: int = 1000
     rate_limit_session: str = "30/minute"
     rate_limit_ip: str = "120/minute"
+    rate_limit_handshakes_ip: str = "300/minute"
     session_token_budget: str = "500000/day"
     max_sockets_per_ip: int = 100
     trusted_proxy_hops: int = 0
@@ -168,6 +169,9 @@ class Settings:
             max_generations=reader.get("MAX_GENERATIONS", _positive(int), d.max_generations),
             rate_limit_session=reader.get("RATE_LIMIT_SESSION", _rate, d.rate_limit_session),
             rate_limit_ip=reader.get("RATE_LIMIT_IP", _rate, d.rate_limit_ip),
+            rate_limit_handshakes_ip=reader.get(
+                "RATE_LIMIT_HANDSHAKES_IP", _rate, d.rate_limit_handshakes_ip
+            ),
             session_token_budget=reader.get("SESSION_TOKEN_BUDGET", _rate, d.session_token_budget),
             max_sockets_per_ip=reader.get(
                 "MAX_SOCKETS_PER_IP", _positive(int), d.max_sockets_per_ip

@@ -53,6 +53,7 @@ class AbuseLimits:
         self._broker = broker
         self._per_session = parse(settings.rate_limit_session)
         self._per_ip = parse(settings.rate_limit_ip)
+        self._handshakes = parse(settings.rate_limit_handshakes_ip)
         self._budget = parse(settings.session_token_budget)
         self._limiter = SlidingWindowCounterRateLimiter(_storage(broker))
 
@@ -78,6 +79,18 @@ class AbuseLimits:
                 f"this session has used its token budget ({_describe(self._budget)})",
                 scope="budget",
                 retry_after_s=await self._retry_after(self._budget, "budget", session),
+            )
+
+    async def check_handshake(self, ip: str) -> None:
+        """Count one WebSocket handshake of `ip`; `RateLimited` over RATE_LIMIT_HANDSHAKES_IP (a
+        connect/close loop costs the server a descriptor, a task group and a session lookup
+        each time, and no message to limit)."""
+        if not await self._limiter.hit(self._handshakes, "handshakes", ip):
+            metrics.rate_limited("handshakes")
+            raise RateLimited(
+                f"too many connections from this address: at most {_describe(self._handshakes)}",
+                scope="handshakes",
+                retry_after_s=await self._retry_after(self._handshakes, "handshakes", ip),
             )
 
     async def charge_tokens(self, session: str, tokens: int) -> None:

@@ -7,7 +7,7 @@ import logging
 
 from quart import Blueprint, Response, request
 
-from .. import metrics, protocol
+from .. import descriptors, metrics, protocol
 from ..app import chat_service, settings
 from ..chat.tasks import start_task, task_status
 from ..errors import (
@@ -128,11 +128,13 @@ async def readyz() -> JsonReply:
     """
     service = chat_service()
     broker = await service.broker.check()
-    ready = bool(broker.get("ok")) and not service.draining
+    fds = descriptors.check()
+    ready = bool(broker.get("ok")) and not service.draining and not (fds and fds["exhausted"])
     body = {
         "status": "draining" if service.draining else "ready" if ready else "unavailable",
         "instance": service.instance,
         "broker": broker,
+        "descriptors": fds,
         "model": service.model.name,
         "demo": service.model.demo,
         "generations": service.generations_in_flight,

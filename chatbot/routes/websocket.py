@@ -98,7 +98,9 @@ class Client:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
-    async def refuse(self, scope: Scope, status: int, reason: str) -> None:
+    async def refuse(
+        self, scope: Scope, status: int, reason: str, retry_after_s: int | None = None
+    ) -> None:
         """Refuse the handshake with an HTTP status (the ASGI `websocket.http.response`
         extension, which Hypercorn offers; a server without it answers 403)."""
         if "websocket.http.response" not in (scope.get("extensions") or {}):
@@ -109,6 +111,8 @@ class Client:
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
         ]
+        if retry_after_s is not None:
+            headers.append((b"retry-after", b"%d" % retry_after_s))
         await self._send(
             {"type": "websocket.http.response.start", "status": status, "headers": headers}
         )
@@ -160,6 +164,7 @@ async def chat_socket(
     ip = client_ip(peer[0] if peer else None, forwarded, config.trusted_proxy_hops)
     del headers  # nothing of the handshake is kept for the socket's lifetime but what it needs
     try:
+        await service.limits.check_handshake(ip)
         async with service.limits.socket(ip):
             session, last = await service.open_session(asked)
             # Without `after` the socket starts live; `after` past the log's end means the end.
@@ -171,7 +176,7 @@ async def chat_socket(
             await _serve(client, service, closing, session, last, after, epoch, ip)
     except RateLimited as exc:
         log.warning("refused websocket: %s", exc.message)
-        await client.refuse(scope, 429, exc.message)
+        await client.refuse(scope, 429, exc.message, retry_after_s=exc.retry_after_s)
     except BrokerUnavailable as exc:
         log.warning("refused websocket: %s", exc)
         await client.refuse(scope, 503, "the service cannot open sessions right now")
