@@ -204,5 +204,18 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / CLOCK_TICKS  # user..steal; guest is inside user
 
 
+def chatbot_env(port: int, fake_port: int, **extra: str) -> dict[str, str]:
+    """`chatbot serve`'s environment on 127.0.0.1:port against the fake upstream on fake_port,
+    with the in-process broker."""
+    return {
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
+        "OPENAI_API_KEY": "",
+        "REDIS_URL": "",
+        **extra,
+    }
+
+
 def python() -> str:
     return sys.executable

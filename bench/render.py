@@ -26,7 +26,7 @@ from typing import Any
 
 from playwright.async_api import Page, async_playwright
 
-from .procs import Server, free_port, python
+from .procs import Server, chatbot_env, free_port, python
 
 DELTA_CHARS = 10
 DELTA_INTERVAL_MS = 1
@@ -135,18 +135,15 @@ async def measure(runs: int) -> dict[str, list[dict[str, Any]]]:
         log_dir=logs,
         health_path=None,
     ).start()
-    env = {
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
-        "OPENAI_API_KEY": "",
-        "REDIS_URL": "",
-        "MAX_MESSAGE_CHARS": str(MAX_MESSAGE_CHARS),
-        "WS_MAX_MESSAGE_BYTES": str(12 * MAX_MESSAGE_CHARS + 256),
-        "RATE_LIMIT_IP": "1000/minute",
-        "RATE_LIMIT_SESSION": "1000/minute",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = chatbot_env(
+        port,
+        fake_port,
+        MAX_MESSAGE_CHARS=str(MAX_MESSAGE_CHARS),
+        WS_MAX_MESSAGE_BYTES=str(12 * MAX_MESSAGE_CHARS + 256),
+        RATE_LIMIT_IP="1000/minute",
+        RATE_LIMIT_SESSION="1000/minute",
+        LOG_LEVEL="WARNING",
+    )
     server = Server(
         "chatbot", [python(), "-m", "chatbot", "serve"], port=port, log_dir=logs, env=env
     )

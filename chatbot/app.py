@@ -133,14 +133,18 @@ async def drain(app: Quart) -> None:
 
     With a shared broker the sockets close at once: their clients resume on another instance and
     see the rest of the reply arrive through it. With the in-process broker there is no other
-    instance, so the sockets stay open until their replies have ended.
+    instance, so the sockets stay open until their replies have ended. A mounted WSGI_APP's
+    requests still running get what is left of the grace too.
     """
     service: ChatService = app.extensions["chat"]
     closing: Closing = app.extensions["closing"]
     if service.broker.kind != "memory":
         closing.set()
+    deadline = asyncio.get_running_loop().time() + service.settings.shutdown_grace_s
     await service.drain(service.settings.shutdown_grace_s)
     closing.set()
+    if (bridge := app.extensions.get("wsgi_bridge")) is not None:
+        await bridge.threads.idle(deadline - asyncio.get_running_loop().time())
 
 
 def chat_service() -> ChatService:

@@ -43,8 +43,10 @@ SPOOL_IN_MEMORY_BYTES = 256 * 1024
 # Requests that may wait for a free thread, per thread; more get 503 at once instead of queueing
 # without end behind slow views.
 WAITING_PER_THREAD = 8
-# A thread hands each piece of a response to the event loop and waits until it is sent: a client
-# that stops reading lets the thread go after this long.
+# A response of known length up to this size is handed to the loop whole (`WsgiBridge._run_app`).
+WHOLE_RESPONSE_BYTES = 1024 * 1024
+# A thread hands each piece of a streamed response to the event loop and waits until it is sent:
+# a client that stops reading lets the thread go after this long.
 SEND_TIMEOUT_S = 60.0
 # Names `module` alone is searched for, as Flask's CLI does.
 APP_NAMES = ("app", "application")
@@ -188,6 +190,7 @@ class Threads:
         self._free: asyncio.Semaphore | None = None
         self.waiting = 0
         self.busy = 0
+        self._idle: asyncio.Future[None] | None = None
 
     async def run(self, call: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -211,6 +214,19 @@ class Threads:
         self._jobs.put((loop, future, call, args))
         return await future
 
+    async def idle(self, timeout_s: float) -> bool:
+        """Wait, at most `timeout_s`, until no call runs or waits; whether that happened."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self.busy:
+            log.info("waiting for %d legacy request(s) to finish", self.busy + self.waiting)
+        while self.busy and loop.time() < deadline:
+            self._idle = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._idle
+        return not self.busy
+
     def _work(self) -> None:
         while True:
             loop, future, call, args = self._jobs.get()
@@ -225,6 +241,8 @@ class Threads:
         self.busy -= 1
         assert self._free is not None
         self._free.release()
+        if not self.busy and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
         if future.done():  # the request was cancelled meanwhile
             return
         if error is not None:
@@ -253,10 +271,12 @@ class WsgiBridge:
             environ = build_environ(scope, body)
             loop = asyncio.get_running_loop()
             try:
-                await self.threads.run(self._run_app, environ, loop, send)
+                unsent = await self.threads.run(self._run_app, environ, loop, send)
             except TooManyWaiting:
                 log.warning("refused %s %s: threads all busy", scope["method"], scope["path"])
                 return await _plain(send, 503, "busy, try again\n", [(b"retry-after", b"1")])
+        for message in unsent:
+            await send(message)
 
     async def _read_body(self, receive: Receive) -> IO[bytes] | None:
         body = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)
@@ -276,19 +296,27 @@ class WsgiBridge:
         body.seek(0)
         return body
 
-    def _run_app(self, environ: dict[str, Any], loop: Any, send: Send) -> None:
-        """In a thread: call the WSGI app and send its response, a piece at a time."""
-
-        def emit(message: dict[str, Any]) -> None:
-            asyncio.run_coroutine_threadsafe(send(message), loop).result(SEND_TIMEOUT_S)
-
+    def _run_app(self, environ: dict[str, Any], loop: Any, send: Send) -> list[dict[str, Any]]:
+        """In a thread: call the WSGI app. A response that says its length, up to
+        WHOLE_RESPONSE_BYTES (a page, some JSON), comes back whole for the loop to send: one
+        hand-over between the thread and the loop instead of one per piece, each costing a
+        wait for the GIL on both sides. Any other is sent from here as the app yields it, so a
+        streamed response streams. What is left for the loop to send is returned."""
+        pending: list[dict[str, Any]] = []
+        streaming = False
         started: list[dict[str, Any]] = []  # the response start, until the first piece
         sent = False
+
+        def emit(message: dict[str, Any]) -> None:
+            if streaming:
+                asyncio.run_coroutine_threadsafe(send(message), loop).result(SEND_TIMEOUT_S)
+            else:
+                pending.append(message)
 
         def start_response(
             status: str, headers: list[tuple[str, str]], exc_info: Any = None
         ) -> Callable[[bytes], None]:
-            if exc_info and sent:
+            if exc_info and sent and streaming:
                 raise exc_info[1].with_traceback(exc_info[2])
             raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
             code = int(status.split(" ", 1)[0])
@@ -296,10 +324,12 @@ class WsgiBridge:
             return write
 
         def write(data: bytes) -> None:
-            nonlocal sent
+            nonlocal sent, streaming
             if not sent:
                 if not started:
                     raise RuntimeError("the WSGI app wrote before start_response")
+                length = dict(started[0]["headers"]).get(b"content-length", b"")
+                streaming = not (length.isdigit() and int(length) <= WHOLE_RESPONSE_BYTES)
                 emit(started[0])
                 sent = True
             if data:
@@ -316,14 +346,13 @@ class WsgiBridge:
                 if close is not None:
                     close()
         except Exception:
-            if sent:
+            if streaming:
                 raise  # mid-response: the server drops the connection
             log.exception("legacy %s %s failed", environ["REQUEST_METHOD"], environ["PATH_INFO"])
             body = b"internal server error\n"
-            emit(_start(500, len(body)))
-            emit({"type": "http.response.body", "body": body, "more_body": False})
-            return
+            return [_start(500, len(body)), {"type": "http.response.body", "body": body}]
         emit({"type": "http.response.body", "body": b"", "more_body": False})
+        return pending
 
 
 def build_environ(scope: Scope, body: IO[bytes]) -> dict[str, Any]:

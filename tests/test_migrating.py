@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -136,3 +137,13 @@ async def test_the_python_snippet_resumes_through_dropped_connections(chat_serve
             reply, session = await client.ask(url, prompt, on_delta=on_delta)
     assert cuts >= 2
     assert reply == "".join(pieces) == await logged_reply(chat_server, session)
+
+
+def test_the_guide_shows_the_tested_snippets() -> None:
+    """docs/migrating.md pastes the client files verbatim: what users copy is what runs here."""
+    guide = (ROOT / "docs" / "migrating.md").read_text()
+    blocks = re.findall(r"```(python|js)\n(.*?)```", guide, flags=re.DOTALL)
+    shown = {lang: code for lang, code in blocks if len(code.splitlines()) > 20}
+    clients = ROOT / "examples" / "clients"
+    assert shown["python"] == (clients / "chat_client.py").read_text()
+    assert shown["js"] == (clients / "chat_client.js").read_text()

@@ -298,3 +298,41 @@ async def test_slow_legacy_views_do_not_hold_up_streaming_sockets(slow_legacy_se
     assert len(done_at) == 20
     # Each demo reply streams in about a second; none waited for a blocking view.
     assert max(done_at) < min(views_back_at), (max(done_at) - started, min(views_back_at) - started)
+
+
+def test_sigterm_lets_a_running_legacy_view_finish_before_the_process_stops(
+    slow_legacy_server: Any,
+) -> None:
+    """Like gunicorn's graceful timeout: a view still running at SIGTERM answers (within
+    SHUTDOWN_GRACE_S), and the process exits once it has."""
+    import threading
+    import urllib.request
+
+    server = slow_legacy_server
+    answers: list[int] = []
+
+    def slow_request() -> None:
+        with urllib.request.urlopen(server.url + "/slow?s=3", timeout=30) as reply:
+            answers.append(reply.status)
+
+    caller = threading.Thread(target=slow_request)
+    caller.start()
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while legacy_apps.STARTED not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)  # polling the log with a deadline: the line is the only signal
+    assert server.terminate(timeout_s=30) == 0, server.output()
+    caller.join(timeout=30)
+    assert answers == [200], server.output()
+
+
+async def test_a_streamed_legacy_response_streams(slow_legacy_server: Any) -> None:
+    """A response without a length is sent piece by piece as the view yields it (one with a
+    length comes back whole): the first piece arrives while the view still holds the rest."""
+    server = slow_legacy_server
+    async with httpx.AsyncClient(base_url=server.url, timeout=CALL_TIMEOUT_S) as client:
+        async with client.stream("GET", "/held-stream") as streamed:
+            pieces = streamed.aiter_text()
+            assert await anext(pieces) == "first piece\n"
+            assert (await client.get("/release")).text == "released"
+            assert "".join([piece async for piece in pieces]) == "the rest\n"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from flask import Flask, Response, jsonify, request, session
 
 SLOW_VIEW_S = float(os.environ.get("LEGACY_SLOW_VIEW_S", "2"))
+STARTED = "legacy slow view started"  # printed, so a test can see a view is running
 
 app = Flask(__name__)
 app.secret_key = "legacy-test-secret-key-0123456789"
@@ -42,6 +43,7 @@ def slow() -> Response:
     with _lock:
         running["now"] += 1
         running["most"] = max(running["most"], running["now"])
+    print(STARTED, flush=True)
     try:
         time.sleep(float(request.args.get("s", SLOW_VIEW_S)))  # blocking, as legacy views are
     finally:
@@ -57,6 +59,28 @@ def stream() -> Response:
             yield f"piece {n}\n"
 
     return Response(pieces(), mimetype="text/plain")
+
+
+released = threading.Event()
+
+
+@app.get("/held-stream")
+def held_stream() -> Response:
+    """Yields a piece, then holds the rest until GET /release: a streamed response."""
+
+    def pieces() -> Iterator[str]:
+        yield "first piece\n"
+        released.wait(30)
+        released.clear()
+        yield "the rest\n"
+
+    return Response(pieces(), mimetype="text/plain")
+
+
+@app.get("/release")
+def release() -> str:
+    released.set()
+    return "released"
 
 
 @app.get("/fail")
