@@ -79,6 +79,9 @@ def refresh(manifest: Path, latest: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             spec = f"{package['name']}@{version}"
             [packed] = json.loads(npm("pack", spec, "--json", "--pack-destination", tmp, cwd=ROOT))
+            pinned = package.get("integrity")
+            if not latest and pinned and packed["integrity"] != pinned:
+                sys.exit(f"{spec}: the registry sent {packed['integrity']}, pinned {pinned}")
             with tarfile.open(Path(tmp) / packed["filename"]) as tar:
                 for file in package["files"]:
                     member = tar.extractfile(f"package/{file['from']}")
