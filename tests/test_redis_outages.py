@@ -355,3 +355,39 @@ class _AnyText(str):
 
 
 ANY_TEXT = _AnyText()
+
+
+async def test_a_rollback_under_open_connections_writes_nothing_into_the_older_data(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    """Redis goes back to its snapshot while every connection stays open (`DEBUG RELOAD`, as a
+    failover behind a connection-keeping proxy would): no new connection marks it, yet the
+    streaming reply writes nothing more into the older data. The socket hears the reply end
+    `interrupted`, then `resync` and exactly the snapshot's log; the next reply continues it."""
+    redis = RedisProcess()
+    redis.argv += ["--enable-debug-command", "local"]
+    redis.start()
+    (server,) = servers = instances(redis.url, upstream, n=1)
+    try:
+        server.start()
+        await wait_ready(servers, 15)
+        async with connect(server) as a:
+            await a.say("kept", "m1")
+            kept = await a.until_done()
+            async with redis_admin(redis) as admin:
+                await admin.save()
+                await a.say(f"lost {LONG}", "m2")
+                await a.until(is_delta)
+                await admin.execute_command("DEBUG", "RELOAD", "NOSAVE")
+            frames = await a.until(lambda f: f["type"] == "resync")
+            assert frames[-2] == {"type": "done", "reply_to": "m2", "reason": "interrupted"}
+            assert frames[-1]["seq"] == len(kept)  # not one delta of m2 went into the old data
+            assert await a.until(lambda f: f["seq"] == len(kept)) == kept
+            await a.say("after", "m3")
+            frames = await a.until_done()
+            assert seqs(frames) == list(range(len(kept) + 1, len(kept) + 1 + len(frames)))
+            assert text_of(frames) == expected("after")
+        assert not errors_logged(server)
+    finally:
+        for process in (*servers, redis):
+            process.stop()

@@ -66,6 +66,7 @@ from .base import (
 )
 from .hiredis_packing import use_hiredis_packing
 from .redis_batches import Batcher
+from .redis_epoch import KEY as EPOCH_KEY
 from .redis_epoch import Epoch
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,15 @@ end
 # and ARGV[2] are the frame's JSON before and after the seq value, so the frame is built without
 # decoding JSON in Lua. ARGV[5] is the event's idempotency key ('' for none): the same key as the
 # last append returns that append's seq and does nothing (a retry of a call whose answer was lost).
-_APPEND = (
+# The last key is the epoch's hash and the last argument the highest clock the writer saw: a lower
+# clock means Redis went back to older data under a connection that stayed open (redis_epoch.py),
+# and the script returns -1, appending nothing.
+_CURRENT = """
+if tonumber(redis.call('HGET', KEYS[#KEYS], 'clock') or 0) < tonumber(ARGV[#ARGV]) then
+  return -1
+end
+"""
+_APPEND_ONE = (
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
@@ -112,12 +121,14 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
     + _fan_out(subs="KEYS[4]", frame="frame", writer="ARGV[6]", session="ARGV[7]")
     + "return seq\n"
 )
+_APPEND = _CURRENT + _APPEND_ONE
 
 # The same, but only while ARGV[8] (a lease) still holds the session (ARGV[7]); releases it. A
 # retry of a finish that ran finds its own key and returns that seq again (not 0: the writer
 # hands the `done` to its own sockets only when it has a seq).
 _FINISH = (
-    """
+    _CURRENT
+    + """
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
   return tonumber(redis.call('HGET', KEYS[1], 'seq'))
 end
@@ -125,7 +136,7 @@ if redis.call('HGET', KEYS[5], ARGV[7]) ~= ARGV[8] then return 0 end
 redis.call('HDEL', KEYS[5], ARGV[7])
 redis.call('ZREM', KEYS[6], ARGV[7])
 """
-    + _APPEND
+    + _APPEND_ONE
 )
 
 # A transient frame (no seq, not logged) to the session's sockets on other instances.
@@ -601,11 +612,19 @@ class RedisBroker:
 
     async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         args = self._event_args(session, event, key)
+        keys = [*_session_keys(session), EPOCH_KEY]
         with _unavailable("appending an event"):
-            seq = int(await self._batched(self._append, _session_keys(session), args))
+            seq = int(await self._batched(self._append, keys, [*args, self._epoch.clock]))
+        await self._appended(seq)
+        return self._logged(session, event, seq, args)
+
+    async def _appended(self, seq: int) -> None:
+        """Raise what an append script's `seq` says went wrong, if anything."""
+        if seq < 0:  # older data under an open connection: begin the new epoch now
+            await self._check_epoch()
+            raise EpochChanged(self._epoch.id)
         if not seq:
             raise SessionExpired(GONE)
-        return self._logged(session, event, seq, args)
 
     def _logged(self, session: str, event: dict[str, Any], seq: int, args: list[Any]) -> Event:
         """The event Redis logged as `seq`, delivered to this instance's sockets."""
@@ -625,11 +644,13 @@ class RedisBroker:
         return call
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
-        keys = [*_session_keys(session), LEASES, LEASE_DUE]
+        keys = [*_session_keys(session), LEASES, LEASE_DUE, EPOCH_KEY]
         # The lease's token makes the key: a retried finish returns the seq it got.
         args = [*self._event_args(session, event, f"{lease.token}:done"), _lease_text(lease)]
         with _unavailable("finishing a reply"):
-            seq = int(await self._batched(self._finish, keys, args))
+            seq = int(await self._batched(self._finish, keys, [*args, self._epoch.clock]))
+        if seq < 0:
+            await self._appended(seq)
         if seq:
             self._logged(session, event, seq, args)
         return bool(seq)

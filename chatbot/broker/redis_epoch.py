@@ -17,6 +17,10 @@ saw (older data). A changed epoch fails that batch (`EpochChanged`: nothing in i
 old view), and the broker tells its sockets (they resync from the log or hear `session_expired`)
 and its replies (they end `interrupted`). A Redis that restarts with all its data (an append-only
 file with `appendfsync always`) keeps its epoch: nothing is lost, and nobody is disturbed.
+
+Older data under connections that stay open (a failover behind a proxy, `DEBUG RELOAD`) marks no
+new connection, so the scripts that write events (append, finish) check the clock themselves and
+write nothing when it is below the writer's (`RedisBroker._appended`).
 """
 
 from __future__ import annotations

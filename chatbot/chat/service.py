@@ -263,7 +263,12 @@ class ChatService:
                 text = "".join(gen.text)
                 key = f"{gen.lease.token}:assistant"
                 await self._outlast(self.broker.add_turn, gen.session, "assistant", text, key)
-            await self._outlast(self.broker.finish, gen.session, done, gen.lease)
+            try:
+                await self._outlast(self.broker.finish, gen.session, done, gen.lease)
+            except EpochChanged:  # Redis went back to older data: close it there, if it can be
+                gen.lost = True
+                done = protocol.done_event(gen.lease.msg_id, "interrupted")
+                await self._outlast(self.broker.finish, gen.session, done, gen.lease)
         except BrokerUnavailable:
             log.error("could not close reply %s; the lease will expire", gen.lease.msg_id[:8])
 
