@@ -94,6 +94,17 @@ async def test_replies_render_lists_tables_tasks_code_and_links(
     assert await link.get_attribute("href") == "https://example.com/changelog"
     assert await link.get_attribute("target") == "_blank"
     assert await link.get_attribute("rel") == "noopener noreferrer"
+    # Clicked, it opens a new tab that can neither reach back into the chat nor learn its URL.
+    await page.context.route(
+        "https://example.com/**", lambda route: route.fulfill(body="<title>changelog</title>")
+    )
+    async with page.context.expect_page() as opened:
+        await link.click()
+    tab = await opened.value
+    await tab.wait_for_load_state()
+    assert tab.url == "https://example.com/changelog"
+    assert await tab.evaluate("[window.opener, document.referrer]") == [None, ""]
+    await tab.close()
 
     table = body.locator(".table-wrap table")
     await expect(table.locator("th")).to_have_text(["Step", "Owner", "Time"])
