@@ -73,9 +73,10 @@ def supervise(workers: int, argv: Sequence[str]) -> int:
         if not stopping:
             log.info("stopping %d workers", len(started))
         stopping = True
-        for process, _ in started.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        for pid in started:
+            # os.kill, not Popen.send_signal or poll: those reap an exited worker, whose exit
+            # the loop below then never sees. A worker not yet reaped takes the signal harmlessly.
+            os.kill(pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
