@@ -13,6 +13,7 @@ from typing import Any
 UPSTREAM_TTFT_S = 0.3  # the fake's time to first token in both shapes
 HOLD_P99_OVERHEAD_S = 0.1  # steady: a level "holds" with p99 TTFD overhead <= this
 BURST_EXTRA_S = 1.0  # burst: p99 connect->first text <= the bare upstream's p99 + this
+UPSTREAM_POOL = 1_100  # the model client's connection limit: MAX_GENERATIONS (1,000) + 100
 ANALYSIS_START = "<!-- analysis:start -->"
 ANALYSIS_END = "<!-- analysis:end -->"
 PACKAGES = [
@@ -577,6 +578,56 @@ class Report:
                     f"ms/reply ({extra:+.0%}), "
                     f"Redis errors {red['errors']}",
                     extra <= 0.15,
+                )
+            )
+        out += self._issue_17_targets()
+        return out
+
+    def _issue_17_targets(self) -> list[tuple[str, str, bool | None]]:
+        """An https upstream with a warm pool, the worst GC pause, two workers."""
+        out: list[tuple[str, str, bool | None]] = []
+        https = self.find(system="chatbot-https", mode="ws", pattern="steady", shape="realistic")
+        warm = min(https, key=lambda r: r["n"]) if https else None
+        plain = warm and self.realistic("chatbot", "steady", warm["n"])
+        if warm:
+            p50 = warm["ttfd_overhead_p50_s"]
+            out.append(
+                (
+                    f"https upstream, warm pool, steady N={warm['n']:,}: p50 TTFD overhead ≤ 5 ms",
+                    f"{_ms(p50)} ms (http {_ms(plain and plain['ttfd_overhead_p50_s'])} ms); "
+                    f"{_num(warm['cpu_per_reply_ms'], 2)} ms CPU/reply",
+                    p50 is not None and p50 <= 0.005,
+                )
+            )
+        biggest = max(https, key=lambda r: r["n"]) if https else None
+        if biggest and "upstream_connections" in biggest:
+            out.append(
+                (
+                    f"https upstream, steady N={biggest['n']:,}: connections opened ≤ the pool",
+                    f"{biggest['upstream_connections']:,} for {biggest['replies_ok']:,} replies",
+                    biggest["upstream_connections"] <= UPSTREAM_POOL,
+                )
+            )
+        steady = self.realistic("chatbot", "steady", 1000)
+        if steady and steady.get("gc_worst_s") is not None:
+            out.append(
+                (
+                    "steady N=1000: worst GC pause ≤ 20 ms",
+                    f"{_ms(steady['gc_worst_s'])} ms wall, {_ms(steady['gc_worst_cpu_s'])} ms CPU",
+                    steady["gc_worst_s"] <= 0.02,
+                )
+            )
+        one, two = (self.realistic(s, "steady", 1000) for s in ("chatbot-redis", "chatbot-2w"))
+        if one and two:
+            out.append(
+                (
+                    "2 workers + Redis, steady N=1000, against one process (the target, "
+                    "≥ 1.6\u00d7 replies/s at the p99 bound, needs a search on an idle machine)",
+                    f"p99 TTFD overhead {_ms(two['ttfd_overhead_p99_s'])} vs "
+                    f"{_ms(one['ttfd_overhead_p99_s'])} ms, replies/s "
+                    f"{_num(two['replies_per_s'])} vs {_num(one['replies_per_s'])}, errors "
+                    f"{two['errors']}",
+                    None,
                 )
             )
         return out
