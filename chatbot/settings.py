@@ -63,6 +63,8 @@ class Settings:
     rate_limit_ip: str = "120/minute"
     rate_limit_handshakes_ip: str = "300/minute"
     session_token_budget: str = "500000/day"
+    ip_token_budget: str = "2000000/day"
+    max_replies_per_ip: int = 20
     max_sockets_per_ip: int = 100
     trusted_proxy_hops: int = 0
     max_queued_replies: int = 2000
@@ -173,6 +175,10 @@ class Settings:
                 "RATE_LIMIT_HANDSHAKES_IP", _rate, d.rate_limit_handshakes_ip
             ),
             session_token_budget=reader.get("SESSION_TOKEN_BUDGET", _rate, d.session_token_budget),
+            ip_token_budget=reader.get("IP_TOKEN_BUDGET", _rate, d.ip_token_budget),
+            max_replies_per_ip=reader.get(
+                "MAX_REPLIES_PER_IP", _positive(int), d.max_replies_per_ip
+            ),
             max_sockets_per_ip=reader.get(
                 "MAX_SOCKETS_PER_IP", _positive(int), d.max_sockets_per_ip
             ),

@@ -180,3 +180,49 @@ def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
     for name in BATCHED_SCRIPTS:
         script = getattr(storage.bridge, name)
         assert script.sha and script.script  # what the batches run (`EVALSHA`) and reload
+
+
+async def test_a_new_session_does_not_reset_the_address_token_budget(
+    app_with, settings, fake: FakeOpenAI
+) -> None:
+    """SESSION_TOKEN_BUDGET alone never binds: a fresh session costs one handshake."""
+    budgets = settings.replace(session_token_budget="1000000/day", ip_token_budget="40/day")
+    async with app_with(budgets) as app:
+        client = app.test_client()
+        async with client.websocket("/ws") as raw:
+            ws = Socket(raw)
+            await ws.recv()
+            await ws.send({"type": "message", "text": "a question of some length " * 4})
+            await ws.until_done()
+        async with client.websocket("/ws") as raw:  # a new session, the same address
+            ws = Socket(raw)
+            await ws.recv()
+            await ws.send({"type": "message", "id": "again", "text": "and another"})
+            refused = await ws.recv()
+    assert (refused["code"], refused["id"]) == ("rate_limited", "again")
+    assert "this address has used its token budget" in refused["message"]
+    assert refused["retry_after"] > 0
+    assert len(fake.requests) == 1
+
+
+async def test_one_address_cannot_fill_every_reply_slot(app_with, settings) -> None:
+    """Sessions from one address that each start a long reply and leave: past
+    MAX_REPLIES_PER_IP the next is refused, and another address still gets its reply."""
+    capped = settings.replace(max_replies_per_ip=2, trusted_proxy_hops=1)
+    async with app_with(capped) as app:
+        client = app.test_client()
+        codes = []
+        for n in range(3):
+            async with client.websocket("/ws", headers={"X-Forwarded-For": "1.1.1.1"}) as raw:
+                ws = Socket(raw)
+                await ws.recv()
+                await ws.send({"type": "message", "text": f"long {n} [[fake:chunks=400]]"})
+                frame = await ws.recv()
+                codes.append(frame.get("code", frame["type"]))
+        assert codes == ["user", "user", "rate_limited"]
+        assert "too many replies in progress from this address" in frame["message"]
+        async with client.websocket("/ws", headers={"X-Forwarded-For": "2.2.2.2"}) as raw:
+            ws = Socket(raw)
+            await ws.recv()
+            await ws.send({"type": "message", "text": "mine"})
+            assert (await ws.until_done())[-1]["reason"] == "stop"

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -55,6 +56,7 @@ class AbuseLimits:
         self._per_ip = parse(settings.rate_limit_ip)
         self._handshakes = parse(settings.rate_limit_handshakes_ip)
         self._budget = parse(settings.session_token_budget)
+        self._ip_budget = parse(settings.ip_token_budget)
         self._limiter = SlidingWindowCounterRateLimiter(_storage(broker))
 
     async def check_message(self, session: str | None, ip: str) -> None:
@@ -67,41 +69,43 @@ class AbuseLimits:
             checks.insert(0, (self._per_session, "session", session))
         for item, scope, key in checks:
             if not await self._limiter.hit(item, scope, key):
-                metrics.rate_limited(scope)
-                raise RateLimited(
-                    f"too many messages from this {scope}: at most {_describe(item)}",
-                    scope=scope,
-                    retry_after_s=await self._retry_after(item, scope, key),
-                )
-        if session is not None and not await self._limiter.test(self._budget, "budget", session):
-            metrics.rate_limited("budget")
-            raise RateLimited(
-                f"this session has used its token budget ({_describe(self._budget)})",
-                scope="budget",
-                retry_after_s=await self._retry_after(self._budget, "budget", session),
-            )
+                message = f"too many messages from this {scope}: at most {_describe(item)}"
+                await self._refuse(item, scope, key, message)
+        # The address's budget too: a new session costs one handshake, so a session's budget
+        # alone binds nobody who opens another.
+        budgets = [(self._ip_budget, "budget_ip", ip, "this address")]
+        if session is not None:
+            budgets.insert(0, (self._budget, "budget", session, "this session"))
+        for item, scope, key, whose in budgets:
+            if not await self._limiter.test(item, scope, key):
+                message = f"{whose} has used its token budget ({_describe(item)})"
+                await self._refuse(item, scope, key, message)
 
     async def check_handshake(self, ip: str) -> None:
         """Count one WebSocket handshake of `ip`; `RateLimited` over RATE_LIMIT_HANDSHAKES_IP (a
         connect/close loop costs the server a descriptor, a task group and a session lookup
         each time, and no message to limit)."""
         if not await self._limiter.hit(self._handshakes, "handshakes", ip):
-            metrics.rate_limited("handshakes")
-            raise RateLimited(
-                f"too many connections from this address: at most {_describe(self._handshakes)}",
-                scope="handshakes",
-                retry_after_s=await self._retry_after(self._handshakes, "handshakes", ip),
+            message = (
+                f"too many connections from this address: at most {_describe(self._handshakes)}"
             )
+            await self._refuse(self._handshakes, "handshakes", ip, message)
 
-    async def charge_tokens(self, session: str, tokens: int) -> None:
-        """Spend a finished reply's tokens. A window refuses a hit larger than what is left
-        (and spends nothing), so a reply that overdraws the budget spends exactly the rest of
-        it: one call while the budget lasts, three when it runs out."""
-        if tokens <= 0 or await self._limiter.hit(self._budget, "budget", session, cost=tokens):
+    async def charge_tokens(self, session: str, tokens: int, ip: str | None = None) -> None:
+        """Spend a finished reply's tokens from its session's budget and its address's."""
+        await self._spend(self._budget, "budget", session, tokens)
+        if ip is not None:
+            await self._spend(self._ip_budget, "budget_ip", ip, tokens)
+
+    async def _spend(self, item: RateLimitItem, scope: str, key: str, tokens: int) -> None:
+        """A window refuses a hit larger than what is left (and spends nothing), so a reply that
+        overdraws the budget spends exactly the rest of it: one call while the budget lasts,
+        three when it runs out."""
+        if tokens <= 0 or await self._limiter.hit(item, scope, key, cost=tokens):
             return
-        stats = await self._limiter.get_window_stats(self._budget, "budget", session)
+        stats = await self._limiter.get_window_stats(item, scope, key)
         if stats.remaining > 0:
-            await self._limiter.hit(self._budget, "budget", session, cost=stats.remaining)
+            await self._limiter.hit(item, scope, key, cost=stats.remaining)
 
     @asynccontextmanager
     async def socket(self, ip: str) -> AsyncIterator[None]:
@@ -124,6 +128,12 @@ class AbuseLimits:
                 await self._broker.adjust(key, -1, SOCKET_COUNT_TTL_S)
             except BrokerUnavailable:  # told to the broker later (Broker.adjust)
                 log.warning("could not release a socket place of %s yet", ip)
+
+    async def _refuse(self, item: RateLimitItem, scope: str, key: str, message: str) -> NoReturn:
+        """Count the refusal by `scope` and raise it, with the seconds until `item` allows."""
+        metrics.rate_limited(scope)
+        retry_after_s = await self._retry_after(item, scope, key)
+        raise RateLimited(message, scope=scope, retry_after_s=retry_after_s)
 
     async def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
         stats = await self._limiter.get_window_stats(item, *identifiers)

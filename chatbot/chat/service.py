@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from .limits import AbuseLimits, estimate_tokens
 log = logging.getLogger(__name__)
 
 SHUTDOWN_WAIT_S = 5.0
+# Told to a client at MAX_REPLIES_PER_IP: about how long a short reply takes.
+REPLIES_RETRY_AFTER_S = 5
 OUTAGE_RETRY_S = (0.05, 1.0)  # first and longest wait between broker retries during an outage
 
 T = TypeVar("T")
@@ -52,6 +55,7 @@ class _Generation:
     lost: bool = False  # the broker lost the data it was written into (a new epoch)
     text: list[str] = field(default_factory=list)
     context_chars: int = 0
+    client_ip: str = "unknown"
     timer: metrics.ReplyTimer = field(default_factory=metrics.ReplyTimer)
 
 
@@ -64,6 +68,7 @@ class ChatService:
         self.model = model
         self.instance = secrets.token_hex(6)
         self._running: dict[str, _Generation] = {}
+        self._replies_per_ip: Counter[str] = Counter()  # queued or streaming, by client address
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self.admission = Admission(settings.max_generations, settings.max_queued_replies)
@@ -127,6 +132,7 @@ class ChatService:
                 "this session has expired; reconnect to start a new one", ref=msg_id
             )
         try:
+            self._check_replies_of(client_ip)
             await self.limits.check_message(session, client_ip)
             ticket = self.admission.reserve()
         except (RateLimited, Overloaded) as exc:
@@ -155,10 +161,30 @@ class ChatService:
         except BaseException:
             self.admission.cancel(ticket)
             raise
-        generation = _Generation(session, lease, ticket)
+        generation = _Generation(session, lease, ticket, client_ip=client_ip)
         generation.task = self._spawn(self._generate(generation), name=f"reply-{lease.msg_id[:8]}")
+        self._replies_per_ip[client_ip] += 1
+        generation.task.add_done_callback(lambda _: self._reply_ended(client_ip))
         self._running[session] = generation
         return accepted
+
+    def _check_replies_of(self, ip: str) -> None:
+        """`RateLimited` when `ip` has MAX_REPLIES_PER_IP replies queued or streaming here: one
+        client must not fill every generation slot and queue place of the instance."""
+        cap = self.settings.max_replies_per_ip
+        if self._replies_per_ip[ip] >= cap:
+            metrics.rate_limited("replies")
+            raise RateLimited(
+                f"too many replies in progress from this address (at most {cap}); "
+                "wait for one to finish",
+                scope="replies",
+                retry_after_s=REPLIES_RETRY_AFTER_S,
+            )
+
+    def _reply_ended(self, ip: str) -> None:
+        self._replies_per_ip[ip] -= 1
+        if not self._replies_per_ip[ip]:
+            del self._replies_per_ip[ip]
 
     async def stop(self, session: str) -> None:
         """Stop the session's streaming reply, wherever in the cluster it runs. Idempotent."""
@@ -255,7 +281,7 @@ class ChatService:
         if gen.context_chars:
             tokens = estimate_tokens("".join(gen.text)) + math.ceil(gen.context_chars / 4)
             try:
-                await self.limits.charge_tokens(gen.session, tokens)
+                await self.limits.charge_tokens(gen.session, tokens, gen.client_ip)
             except Exception:  # the budget is a guard rail; never lose the reply's end over it
                 log.warning("could not charge %d tokens to session %s…", tokens, gen.session[:6])
         try:
