@@ -135,8 +135,21 @@ class TextFormatter(_Redacting):
     def format(self, record: logging.LogRecord) -> str:
         fields = context(record)
         fields.pop("instance", None)  # one per process: said once at start-up
+        # A message carries what clients sent (a path, a header): a line break in it would start
+        # a forged log line, an ANSI escape rewrite the terminal. Tracebacks keep their lines.
+        record = logging.makeLogRecord(
+            {**record.__dict__, "msg": escape_controls(record.getMessage()), "args": None}
+        )
         record.context = f" [{' '.join(fields.values())}]" if fields else ""
         return self.redact(super().format(record))
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters (CR, LF, ESC...) written as Python escapes."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def configure(settings: Settings) -> None:

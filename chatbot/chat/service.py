@@ -87,7 +87,14 @@ class ChatService:
         replies = [g.task for g in self._running.values() if g.task is not None]
         if replies:
             log.info("draining: waiting up to %.0f s for %d replies", grace_s, len(replies))
-            await asyncio.wait(replies, timeout=grace_s)
+            _, cut = await asyncio.wait(replies, timeout=grace_s)
+            # Those still streaming end now, as `interrupted`, while their sockets are open to
+            # hear it (with the in-process broker there is nowhere else to hear it).
+            for task in cut:
+                task.cancel()
+            if cut:
+                log.info("draining: %d replies cut short", len(cut))
+                await asyncio.wait(cut, timeout=SHUTDOWN_WAIT_S)
 
     async def close(self) -> None:
         """Stop background work; replies still streaming end as `interrupted`."""

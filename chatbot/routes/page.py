@@ -27,5 +27,15 @@ def blueprint(path: str) -> Blueprint:
     return page
 
 
+# `frame-ancestors` only works as a header (a <meta> CSP ignores it): no other site may frame the
+# page and trick its user into clicking in it. X-Frame-Options for browsers without CSP 2.
+FRAMING_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'self'",
+    "X-Frame-Options": "SAMEORIGIN",
+}
+
+
 async def index() -> Response:
-    return await send_from_directory(WEB_DIR, "index.html")
+    response = await send_from_directory(WEB_DIR, "index.html")
+    response.headers.update(FRAMING_HEADERS)
+    return response

@@ -132,8 +132,10 @@ async def chat_socket(
         args.setdefault(name, value)  # the first of repeated names, as Quart's `args.get`
     client = Client(receive, send)
     origin = headers.get("Origin")
-    if not origin_allowed(origin, headers.get("Host"), config.allowed_origins):
-        log.warning("refused websocket from origin %r", origin)
+    proto = headers.get("X-Forwarded-Proto") if config.trusted_proxy_hops else None
+    scheme = _socket_scheme(scope.get("scheme", "ws"), proto)
+    if not origin_allowed(origin, headers.get("Host"), config.allowed_origins, scheme):
+        log.warning("refused websocket from origin %r", origin[:100] if origin else origin)
         return await client.refuse(scope, 403, "origin not allowed")
     try:
         credentials = socket_credentials(scope.get("subprotocols") or (), args)
@@ -225,6 +227,11 @@ async def _serve(
             log.info("session %s…: closing a socket silent for too long", session[:6])
             await client.close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
         elif ended == 2:
+            # What the feed holds goes first: the `done interrupted` of a reply the restart cut.
+            feed.end()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await _send_all(client, feed)
             await client.close(CloseCode.SERVICE_RESTART, "service restart")
         elif ended == 3:
             metrics.SLOW_READER_CLOSES.inc()
@@ -337,13 +344,30 @@ async def _handle(
         feed.push_local(protocol.encode(protocol.error("unavailable", message, ref)))
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], scheme: str = "http"
+) -> bool:
     """Cross-site WebSocket hijacking guard. Browsers always send Origin; other clients may not.
 
     Same-origin is always allowed; other origins only when listed in ALLOWED_ORIGINS (or "*").
+    Same origin means an `http` or `https` page of the same host and port, and never an `http`
+    page when the socket came over TLS (`scheme` "https": a page anyone on the network can
+    rewrite). An `https` page on a plain socket is its own host's, behind a proxy that ended TLS.
     """
     if origin is None or "*" in allowed:
         return True
     if origin.rstrip("/") in allowed:
         return True
-    return bool(host) and urlsplit(origin).netloc.lower() == str(host).lower()
+    parts = urlsplit(origin)
+    page_scheme = parts.scheme.lower()
+    if page_scheme not in ("http", "https") or (scheme == "https" and page_scheme == "http"):
+        return False
+    return bool(host) and parts.netloc.lower() == str(host).lower()
+
+
+def _socket_scheme(socket_scheme: str, forwarded_proto: str | None) -> str:
+    """`https` when the socket came over TLS: `wss`, or a trusted proxy's X-Forwarded-Proto (its
+    last entry) says so; else `http`."""
+    if forwarded_proto and forwarded_proto.split(",")[-1].strip().lower() == "https":
+        return "https"
+    return "https" if socket_scheme == "wss" else "http"
