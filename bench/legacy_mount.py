@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         MAX_SOCKETS_PER_IP="100000",
         RATE_LIMIT_SESSION="100000/minute",
         RATE_LIMIT_IP="1000000/minute",
+        RATE_LIMIT_HANDSHAKES_IP="1000000/minute",
         LOG_LEVEL="WARNING",
     )
     server = Server(
