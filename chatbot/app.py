@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         )
 
     @app.while_serving
-    async def watch_descriptors() -> AsyncIterator[None]:
+    async def watch_descriptors() -> AsyncGenerator[None, None]:
         watcher = asyncio.ensure_future(descriptors.watch())
         yield
         watcher.cancel()
@@ -109,7 +109,7 @@ class SecretKeyMissing(NullSession):
     def _fail(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the session needs a secret: set SECRET_KEY (16+ random characters)")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = update = setdefault = _fail  # type: ignore[assignment]
+    __setitem__ = __delitem__ = clear = pop = popitem = update = setdefault = _fail
 
 
 def _with_socket_route(app: Quart, asgi_app: Any) -> Any:

@@ -28,7 +28,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ def full_collection() -> int:
     return freed
 
 
-async def run_full_collections(interval_s: float = FULL_INTERVAL_S) -> AsyncIterator[None]:
+async def run_full_collections(
+    interval_s: float = FULL_INTERVAL_S,
+) -> AsyncGenerator[None, None]:
     """A Quart `while_serving` hook: a full collection every `interval_s` while serving."""
 
     async def every_interval() -> None:

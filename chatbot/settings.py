@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from .errors import SettingsError
 
 T = TypeVar("T")
+Number = TypeVar("Number", int, float)
 
 SECRETS = frozenset({"OPENAI_API_KEY", "ACCESS_TOKEN", "SECRET_KEY"})
 
@@ -251,10 +252,10 @@ def _port(raw: str) -> int:
     return value
 
 
-def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    def parse(raw: str) -> T:
+def _positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
+    def parse(raw: str) -> Number:
         value = kind(raw)
-        if not value > 0:  # type: ignore[operator]
+        if not value > 0:
             raise ValueError("must be greater than 0")
         return value
 
@@ -271,10 +272,10 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
-    def parse(raw: str) -> T:
+def _non_negative(kind: Callable[[str], Number]) -> Callable[[str], Number]:
+    def parse(raw: str) -> Number:
         value = kind(raw)
-        if value < 0:  # type: ignore[operator]
+        if value < 0:
             raise ValueError("must not be negative")
         return value
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quart import current_app, request
+from werkzeug.datastructures import Headers
 
 from ..app import chat_service, settings
 from ..chat.limits import client_ip
@@ -35,7 +36,9 @@ SESSION_PREFIX = "chatbot.session."
 TOKEN_PREFIX = "chatbot.token."
 
 
-def token_ok(expected: str | None, headers: Mapping[str, str], offered: str | None = None) -> bool:
+def token_ok(
+    expected: str | None, headers: Headers | Mapping[str, str], offered: str | None = None
+) -> bool:
     """True when no token is configured, or the request carries it: in `Authorization: Bearer`,
     or as `offered` (from the query string or a subprotocol). Compared in constant time."""
     if not expected:

@@ -51,7 +51,7 @@ class HandshakeHeaders(dict[str, str]):
         pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
         super().__init__(reversed(pairs))
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
 
 
