@@ -147,3 +147,32 @@ def test_the_guide_shows_the_tested_snippets() -> None:
     clients = ROOT / "examples" / "clients"
     assert shown["python"] == (clients / "chat_client.py").read_text()
     assert shown["js"] == (clients / "chat_client.js").read_text()
+
+
+async def test_stage_two_runs_with_workers(redis_server: Any) -> None:
+    """`chatbot serve ported:app --workers 2` with WSGI_APP: each worker process loads both
+    apps from the working directory, and every request, whichever worker takes it, is served."""
+    server = ChatbotProcess(
+        {
+            "WSGI_APP": "legacy:app",
+            "CHAT_PAGE_PATH": "/assistant/",
+            "SECRET_KEY": SECRET_KEY,
+            "REDIS_URL": redis_server.url,
+            "DEMO_WORD_DELAY_S": "0",
+        },
+        name="workers",
+        args=("ported:app", "--workers", "2"),
+        cwd=EXAMPLE,
+    ).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=CALL_TIMEOUT_S) as client:
+            for _ in range(6):  # new connections: the kernel spreads them over the workers
+                login = await client.post("/login", data={"name": "ada", "password": "lovelace"})
+                assert login.status_code == 302, login.text
+                page = await client.get("/assistant/", headers={"Connection": "close"})
+                assert page.status_code == 200
+        reply, _ = await reply_over(server.ws_url, "hello workers")
+        assert "hello workers" in reply
+        assert server.output().count("serving legacy:app") == 2, server.output()
+    finally:
+        server.stop()
