@@ -169,6 +169,10 @@ def shadowed(app: Quart, legacy: Any) -> list[tuple[str, str, str]]:
     return found
 
 
+class ClientLeft(Exception):
+    """The client went away while its request's body was still arriving."""
+
+
 class TooManyWaiting(Exception):
     """Every thread is busy and WAITING_PER_THREAD x threads requests already wait."""
 
@@ -264,7 +268,13 @@ class WsgiBridge:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await _plain(send, 413, "request body too large\n")
-        body = await self._read_body(receive)
+        try:
+            body = await self._read_body(receive)
+        except ClientLeft:  # before its body was whole: the app never sees a truncated request
+            log.info(
+                "%s %s: the client left before its body arrived", scope["method"], scope["path"]
+            )
+            return None
         if body is None:
             return await _plain(send, 413, "request body too large\n")
         with body:
@@ -284,7 +294,8 @@ class WsgiBridge:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                body.close()
+                raise ClientLeft
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

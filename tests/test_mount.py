@@ -338,3 +338,26 @@ async def test_a_streamed_legacy_response_streams(slow_legacy_server: Any) -> No
             assert await anext(pieces) == "first piece\n"
             assert (await client.get("/release")).text == "released"
             assert "".join([piece async for piece in pieces]) == "the rest\n"
+
+
+async def test_a_request_whose_client_leaves_mid_body_never_reaches_the_legacy_app(
+    slow_legacy_server: Any,
+) -> None:
+    """A POST cut off halfway (the client gone) is not handed to the view as if whole."""
+    server = slow_legacy_server
+    async with httpx.AsyncClient(base_url=server.url, timeout=CALL_TIMEOUT_S) as client:
+        before = (await client.get("/counts")).json()["echoed"]
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        writer.write(head + b"a=" + b"x" * 1000)
+        await writer.drain()
+        writer.close()  # gone, 1 KB of 100 KB sent
+        await writer.wait_closed()
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while "client left before its body arrived" not in server.output():
+            assert time.monotonic() < deadline, server.output()[-2000:]
+            await asyncio.sleep(0.05)  # polling the log with a deadline: the line is the signal
+        whole = await client.post("/echo", content=b"y" * 100)
+        assert whole.json()["body_bytes"] == 100
+        after = (await client.get("/counts")).json()["echoed"]
+    assert after == before + 1, (before, after)

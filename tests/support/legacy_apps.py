@@ -14,7 +14,7 @@ STARTED = "legacy slow view started"  # printed, so a test can see a view is run
 
 app = Flask(__name__)
 app.secret_key = "legacy-test-secret-key-0123456789"
-running = {"now": 0, "most": 0}
+running = {"now": 0, "most": 0, "echoed": 0}
 _lock = threading.Lock()
 
 
@@ -26,6 +26,7 @@ def home() -> str:
 @app.route("/echo", methods=["GET", "POST", "PUT"])
 def echo() -> Response:
     body = request.get_data(parse_form_data=True)
+    running["echoed"] += 1
     return jsonify(
         method=request.method,
         path=request.path,
@@ -75,6 +76,11 @@ def held_stream() -> Response:
         yield "the rest\n"
 
     return Response(pieces(), mimetype="text/plain")
+
+
+@app.get("/counts")
+def counts() -> Response:
+    return jsonify(running)
 
 
 @app.get("/release")
