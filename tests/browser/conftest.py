@@ -116,6 +116,10 @@ def chat_server(fake_openai: FakeOpenAIProcess) -> Iterator[ChatbotProcess]:
             "REDIS_URL": "",  # the in-memory broker, whatever the developer's shell says
             "MAX_MESSAGE_CHARS": str(MAX_MESSAGE_CHARS),
             "WS_MAX_MESSAGE_BYTES": str(12 * MAX_MESSAGE_CHARS + 256),
+            # One server and one address for the whole browser suite: the per-address limits
+            # are tested elsewhere, and must not depend here on how fast the machine runs it.
+            "RATE_LIMIT_IP": "100000/minute",
+            "RATE_LIMIT_HANDSHAKES_IP": "100000/minute",
         }
     ).start()
     yield server
