@@ -20,6 +20,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from ..llm.base import Message
+
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_MAX_BYTES: Final = 1024 * 1024
@@ -206,8 +208,11 @@ class Broker(Protocol):
     """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`."""
 
     kind: str
-    # The data's epoch: a new one begins when the broker lost data (docs/protocol.md, `epoch`).
-    epoch: str
+
+    @property
+    def epoch(self) -> str:
+        """The data's epoch: a new one begins when the broker lost data (docs/protocol.md,
+        `epoch`)."""
 
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         """Connect, and deliver control messages sent to `instance` to `on_control`."""
@@ -261,7 +266,7 @@ class Broker(Protocol):
 
     # Model context.
 
-    async def history(self, session: str) -> list[dict[str, str]]: ...
+    async def history(self, session: str) -> list[Message]: ...
 
     async def add_turn(self, session: str, role: str, content: str, key: str | None = None) -> None:
         """Add a turn to the model context. `key` makes a retry safe, as for `append`: the same

@@ -9,12 +9,16 @@ the sync `HiredisRespSerializer` does. Without hiredis the pool is left as it is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
-from hiredis import pack_command as _pack
+import hiredis
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import DataError
+
+# hiredis's stub declares a one-element tuple and no return type; the C function packs a tuple of
+# any length (bytes, text, numbers) into one command's bytes.
+pack_command: Final[Callable[[tuple[Any, ...]], bytes]] = hiredis.pack_command
 
 
 def packed(args: tuple[Any, ...]) -> bytes:
@@ -24,7 +28,7 @@ def packed(args: tuple[Any, ...]) -> bytes:
     if " " in first if isinstance(first, str) else b" " in first:
         args = (*first.split(), *args[1:])
     try:
-        return _pack(args)
+        return pack_command(args)
     except TypeError as exc:  # the error redis-py's packer raises for an argument it can't send
         raise DataError(str(exc)) from None
 

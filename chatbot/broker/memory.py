@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SessionExpired
+from ..llm.base import Message
 from ..protocol import encode, new_id
 from . import base
 from .base import GONE, SUBSCRIPTION_MAX_BYTES, ControlHandler, Event, Hub, Lease, Subscription
@@ -31,7 +32,7 @@ _Logged = tuple[int, str]
 class _Session:
     # Created on first use: a socket that opens a session and says nothing holds no deques.
     log: deque[_Logged] | None = None
-    history: deque[dict[str, str]] | None = None
+    history: deque[Message] | None = None
     seq: int = 0
     last_key: str | None = None  # of the last appended event (see Broker.append)
     last_turn: str | None = None  # of the last history turn added (see Broker.add_turn)
@@ -132,7 +133,7 @@ class MemoryBroker:
         if handler is not None:
             asyncio.get_running_loop().call_soon(handler, message)
 
-    async def history(self, session: str) -> list[dict[str, str]]:
+    async def history(self, session: str) -> list[Message]:
         state = self._live(session)
         return [] if state is None else list(state.history or ())
 

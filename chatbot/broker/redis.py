@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -49,6 +49,7 @@ from redis.exceptions import RedisError
 
 from .. import metrics
 from ..errors import BrokerUnavailable, EpochChanged, SessionExpired
+from ..llm.base import Message
 from ..protocol import encode, new_id
 from ..settings import Settings
 from .base import (
@@ -662,7 +663,12 @@ class RedisBroker:
         left = max_bytes
         with _unavailable("replaying a session"):
             while True:  # with `max_bytes`, a page: REPLAY_BATCH entries at a time
-                entries = await self._redis.xrange(stream, min=f"({after}-0", max="+", count=count)
+                # redis-py types XRANGE's reply for any client (bytes or text; None in a
+                # pipeline): ours decodes, and XRANGE answers a list of (id, fields).
+                entries = cast(
+                    "list[tuple[str, dict[str, str]]]",
+                    await self._redis.xrange(stream, min=f"({after}-0", max="+", count=count),
+                )
                 page = take_page((fields["f"] for _, fields in entries), left)
                 events += page
                 if left is None or len(entries) < REPLAY_BATCH:
@@ -726,7 +732,7 @@ class RedisBroker:
 
     # Model context.
 
-    async def history(self, session: str) -> list[dict[str, str]]:
+    async def history(self, session: str) -> list[Message]:
         _, _, hist, _ = _session_keys(session)
         with _unavailable("reading history"):
             turns = await self._command("LRANGE", hist, 0, -1)
@@ -761,7 +767,7 @@ class RedisBroker:
         return None if text is None else _lease_of(text)
 
     async def claim_expired(self, claimant: str, ttl_s: float) -> list[tuple[str, Lease]]:
-        args = [claimant, new_id() + "-", int(ttl_s * 1000)]
+        args: list[str | int] = [claimant, new_id() + "-", int(ttl_s * 1000)]
         with _unavailable("claiming orphaned leases"):
             flat = await self._claim(keys=[LEASES, LEASE_DUE], args=args)
         return [(flat[i], _lease_of(flat[i + 1])) for i in range(0, len(flat), 2)]
@@ -802,4 +808,4 @@ class RedisBroker:
     async def get_task(self, task: str) -> dict[str, Any] | None:
         with _unavailable("reading a task"):
             raw = await self._redis.get(f"{PREFIX}:task:{task}")
-        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else json.loads(raw)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-from hiredis import pack_command
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
 
 from ..errors import EpochChanged
+from .hiredis_packing import pack_command
 from .redis_epoch import TICK, Epoch
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,9 @@ class Batcher:
         raise AssertionError("unreachable")
 
     async def _exchange(self, conn: AbstractConnection, data: bytes, count: int) -> list[Any]:
-        reader, writer = conn._reader, conn._writer  # type: ignore[attr-defined]
+        reader, writer = conn._reader, conn._writer
+        if reader is None or writer is None:  # disconnected under us: as a lost connection
+            raise ConnectionError("the batch connection is closed")
         writer.write(data)
         await writer.drain()
         replies: list[Any] = []

@@ -29,10 +29,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from hiredis import pack_command
-
 from ..errors import EpochChanged
 from ..protocol import new_id
+from .hiredis_packing import pack_command
 
 log = logging.getLogger(__name__)
 

@@ -190,7 +190,8 @@ def _storage(broker: Broker) -> Storage:
     storage = RedisStorage(
         "async+redis://",
         implementation="redispy",
-        connection_pool=broker.pool,
+        # limits 5.x documents `connection_pool` but types every option as float | str | bool.
+        connection_pool=broker.pool,  # type: ignore[arg-type]
         key_prefix=KEY_PREFIX,
     )
     # The sliding-window scripts (every message runs three, every reply two more) ride the
