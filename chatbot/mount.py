@@ -113,7 +113,7 @@ def mount_wsgi(app: Quart, settings: Settings) -> None:
     assert settings.wsgi_app
     legacy = load_app(settings.wsgi_app)
     bridge = WsgiBridge(legacy, settings.wsgi_threads, settings.wsgi_max_body_bytes)
-    inner = app.asgi_app
+    inner: Callable[..., Any] = app.asgi_app
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not owns(app, scope["path"], scope["method"]):
@@ -121,7 +121,7 @@ def mount_wsgi(app: Quart, settings: Settings) -> None:
         else:
             await inner(scope, receive, send)
 
-    app.asgi_app = route  # type: ignore[method-assign]
+    app.asgi_app = route  # type: ignore[method-assign,assignment]
     app.extensions["wsgi_bridge"] = bridge
 
     @app.before_serving
@@ -441,7 +441,8 @@ def read_body_first(asgi_app: Callable[..., Any]) -> Callable[..., Any]:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _has_body(scope):
-            return await asgi_app(scope, receive, send)
+            await asgi_app(scope, receive, send)
+            return
         arrived = asyncio.get_running_loop().create_future()
 
         async def receive_tracked() -> dict[str, Any]:
@@ -467,7 +468,7 @@ def read_body_first(asgi_app: Callable[..., Any]) -> Callable[..., Any]:
 def _has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value != b"0"
+            return bool(value != b"0")
         if name == b"transfer-encoding":
             return True
     return False
