@@ -96,11 +96,10 @@ def install(max_message_bytes: int, *, deflate: bool) -> None:
             "chatbot/hypercorn_fixes.py was written for hypercorn 0.18.0 and wsproto 1.3.2; "
             f"these changed since: {', '.join(changed)}. Pin the old versions or review the fixes."
         )
+    EdgeGuard.max_bytes, EdgeGuard.deflate = max_message_bytes, deflate
     # Hypercorn builds its extensions in `Handshake.accept` as `[PerMessageDeflate()]`, by this
-    # module-level name: a fresh guard per connection.
-    ws_stream.PerMessageDeflate = type(  # type: ignore[misc]
-        "EdgeGuard", (EdgeGuard,), {"max_bytes": max_message_bytes, "deflate": deflate}
-    )
+    # name in its module's namespace (imported there from wsproto): a fresh guard per connection.
+    vars(ws_stream)["PerMessageDeflate"] = EdgeGuard
     WSStream._handle_events = _handle_events  # type: ignore[method-assign]
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
     WSStream.handle = _handle  # type: ignore[method-assign]
@@ -226,8 +225,7 @@ async def _refuse(self: WSStream, code: int, reason: str | None = None) -> None:
     not cut at once because a client still sending would get a reset before reading the close
     frame, and see 1006 instead of why."""
     if code == CloseReason.MESSAGE_TOO_BIG:
-        limit = getattr(ws_stream.PerMessageDeflate, "max_bytes", self.buffer.max_length)
-        reason = f"message too big: at most {limit} bytes"
+        reason = f"message too big: at most {EdgeGuard.max_bytes} bytes"
     # A close frame's reason is at most 123 bytes of UTF-8.
     reason = (reason or "").encode()[:120].decode(errors="ignore")
     await self._send_wsproto_event(CloseConnection(code=code, reason=reason))
@@ -247,9 +245,11 @@ async def _linger(self: WSStream) -> None:
 async def _send_pings(self: WSStream) -> None:
     """Hypercorn's ping loop, woken as soon as the stream closes instead of a ping interval
     later."""
+    interval = self.config.websocket_ping_interval
+    assert interval is not None  # Hypercorn starts this loop only when one is set
     while not self.closed:
         await self._send_wsproto_event(Ping())
-        await _sleep_unless_closed(self, self.config.websocket_ping_interval)
+        await _sleep_unless_closed(self, interval)
 
 
 async def _handle(self: WSStream, event: Any) -> None:
@@ -265,10 +265,15 @@ async def _handle(self: WSStream, event: Any) -> None:
 async def _sleep_unless_closed(self: WSStream, seconds: float) -> None:
     """Sleep `seconds`, or until the stream closes (one timer, no task)."""
     loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
+    waiter: asyncio.Future[None] = loop.create_future()
     sleepers: set[asyncio.Future[None]] = self.__dict__.setdefault("_chatbot_sleepers", set())
     sleepers.add(waiter)
-    timer = loop.call_later(seconds, lambda: waiter.done() or waiter.set_result(None))
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(seconds, wake)
     try:
         await waiter
     finally:
