@@ -66,7 +66,11 @@ class Settings:
     session_token_budget: str = "500000/day"
     ip_token_budget: str = "2000000/day"
     max_replies_per_ip: int = 20
+    rate_limit_new_sessions: str = "30/minute"  # sessions stored per client address
     max_sockets_per_ip: int = 100
+    max_reply_tokens: int = 4096  # sent upstream as max_tokens; 0: not sent
+    max_reply_chars: int = 100_000  # a reply is cut (`done reason=length`) past this many
+    max_reply_s: float = 300.0  # ... or when it has streamed this long
     trusted_proxy_hops: int = 0
     max_queued_replies: int = 2000
     demo_word_delay_s: float = 0.06
@@ -180,6 +184,12 @@ class Settings:
             max_replies_per_ip=reader.get(
                 "MAX_REPLIES_PER_IP", _positive(int), d.max_replies_per_ip
             ),
+            rate_limit_new_sessions=reader.get(
+                "RATE_LIMIT_NEW_SESSIONS", _rate, d.rate_limit_new_sessions
+            ),
+            max_reply_tokens=reader.get("MAX_REPLY_TOKENS", _non_negative(int), d.max_reply_tokens),
+            max_reply_chars=reader.get("MAX_REPLY_CHARS", _positive(int), d.max_reply_chars),
+            max_reply_s=reader.get("MAX_REPLY_S", _positive(float), d.max_reply_s),
             max_sockets_per_ip=reader.get(
                 "MAX_SOCKETS_PER_IP", _positive(int), d.max_sockets_per_ip
             ),

@@ -309,6 +309,8 @@ async def test_a_message_to_an_expired_session_says_so_and_closes(app_with, sett
         async with client.websocket("/ws") as raw:
             ws = Socket(raw)
             ready = await ws.recv()
+            await ws.send({"type": "message", "text": "stored now"})  # stored with its first
+            await ws.until_done()
             await asyncio.sleep(1.5)  # idle past SESSION_TTL_S: the behaviour under test
             await ws.send({"type": "message", "id": "late", "text": "still there?"})
             error = await ws.recv()

@@ -224,7 +224,12 @@ class Broker(Protocol):
 
     # Sessions and their event log.
 
-    async def create_session(self, session: str) -> None: ...
+    async def secret(self) -> bytes:
+        """A random secret shared by every instance (the first to ask makes it): it signs the
+        ids of sessions that are not stored yet (`chat/sessions.py`)."""
+
+    async def create_session(self, session: str) -> None:
+        """Store a session (with no events). Never resets one that exists."""
 
     async def last_seq(self, session: str) -> int | None:
         """The session's last `seq` (0 when empty), or None when the session does not exist."""

@@ -7,6 +7,7 @@ Everything lives in this process, so it serves exactly one instance. Sessions ex
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -58,6 +59,7 @@ class MemoryBroker:
         self._counters: dict[str, int] = {}
         self._control: dict[str, ControlHandler] = {}
         self._hub = Hub()
+        self._secret = secrets.token_bytes(32)
         self.epoch = new_id()  # this process's memory: it never loses data but with itself
 
     async def start(self, instance: str, on_control: ControlHandler) -> None:
@@ -68,6 +70,9 @@ class MemoryBroker:
 
     async def check(self) -> dict[str, Any]:
         return {"ok": True, "backend": self.kind, "sessions": len(self._sessions)}
+
+    async def secret(self) -> bytes:
+        return self._secret
 
     async def create_session(self, session: str) -> None:
         # Expired sessions are purged by the periodic sweep (claim_expired), not here: a scan

@@ -18,6 +18,7 @@ Key layout (docs/scaling.md has the full story):
     chatbot:lease              hash   session -> "owner|msg_id|token" of the generating instance
     chatbot:lease:due          zset   session -> lease deadline (ms, Redis clock)
     chatbot:instances          zset   instance -> alive until (ms, Redis clock), kept by its keeper
+    chatbot:secret             string the secret that signs ids of sessions not stored yet
     {counter key}              hash   instance -> "version:count": its share of a shared counter
     chatbot:task:{task}        string the HTTP ask API's task record (JSON), with a TTL
     chatbot:epoch              hash   id, clock: the dataset's epoch (redis_epoch.py)
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -76,6 +78,7 @@ PREFIX: Final = "chatbot"
 LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
 INSTANCES: Final = f"{PREFIX}:instances"
+SECRET: Final = f"{PREFIX}:secret"
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 REPLAY_BATCH: Final = 100  # log entries per XRANGE of a paged replay
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -212,6 +215,12 @@ return claimed
 """
 )
 
+
+# The shared secret: made by the first instance that asks, read by the others.
+_SECRET = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
 
 # Never resets a session that has events (a retried or repeated create).
 _CREATE = """
@@ -366,6 +375,8 @@ class RedisBroker:
         self._count = self._redis.register_script(_COUNT)
         self._alive = self._redis.register_script(_ALIVE)
         self._create = self._redis.register_script(_CREATE)
+        self._secret_script = self._redis.register_script(_SECRET)
+        self._secret: bytes | None = None
         self._add_turn = self._redis.register_script(_ADD_TURN)
         self._announce = self._redis.register_script(_ANNOUNCE)
         self._join_script = self._redis.register_script(_JOIN)
@@ -563,6 +574,7 @@ class RedisBroker:
         """Redis lost data: every local socket starts over (resync or `session_expired`), and
         every reply this instance generates ends (`interrupted`)."""
         self._hub.signal_all(NEW_EPOCH)
+        self._secret = None  # a Redis that lost data lost it too
         self._on_control({"epoch": epoch})
 
     @property
@@ -586,6 +598,15 @@ class RedisBroker:
             await asyncio.sleep(self._settings.redis_canary_interval_s)
 
     # Sessions and their event log.
+
+    async def secret(self) -> bytes:
+        if self._secret is None:
+            with _unavailable("reading the shared secret"):
+                made = secrets.token_hex(32)
+                self._secret = bytes.fromhex(
+                    await self._batched(self._secret_script, (SECRET,), [made])
+                )
+        return self._secret
 
     async def create_session(self, session: str) -> None:
         meta, *_ = _session_keys(session)

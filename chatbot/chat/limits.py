@@ -57,6 +57,7 @@ class AbuseLimits:
         self._handshakes = parse(settings.rate_limit_handshakes_ip)
         self._budget = parse(settings.session_token_budget)
         self._ip_budget = parse(settings.ip_token_budget)
+        self._new_sessions = parse(settings.rate_limit_new_sessions)
         self._limiter = SlidingWindowCounterRateLimiter(_storage(broker))
 
     async def check_message(self, session: str | None, ip: str) -> None:
@@ -90,6 +91,14 @@ class AbuseLimits:
                 f"too many connections from this address: at most {_describe(self._handshakes)}"
             )
             await self._refuse(self._handshakes, "handshakes", ip, message)
+
+    async def check_new_session(self, ip: str) -> None:
+        """Count a session stored for `ip` (each keeps its broker memory for SESSION_TTL_S);
+        `RateLimited` when over RATE_LIMIT_NEW_SESSIONS."""
+        if not await self._limiter.hit(self._new_sessions, "new_session", ip):
+            limit = _describe(self._new_sessions)
+            message = f"too many new sessions from this address: at most {limit}"
+            await self._refuse(self._new_sessions, "new_session", ip, message)
 
     async def charge_tokens(self, session: str, tokens: int, ip: str | None = None) -> None:
         """Spend a finished reply's tokens from its session's budget and its address's."""

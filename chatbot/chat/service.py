@@ -34,6 +34,7 @@ from ..settings import Settings
 from .admission import Admission, Ticket
 from .feed import Feed, open_feed
 from .limits import AbuseLimits, estimate_tokens
+from .sessions import issued_unstored, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class _Generation:
     stop_requested: bool = False
     lost: bool = False  # the broker lost the data it was written into (a new epoch)
     text: list[str] = field(default_factory=list)
+    chars: int = 0  # in `text`
+    cut_at: float = math.inf  # MAX_REPLY_S after the stream began (the loop's clock)
     context_chars: int = 0
     client_ip: str = "unknown"
     timer: metrics.ReplyTimer = field(default_factory=metrics.ReplyTimer)
@@ -73,6 +76,10 @@ class ChatService:
         self.draining = False
         self.admission = Admission(settings.max_generations, settings.max_queued_replies)
         self.limits = AbuseLimits(settings, broker)
+        # The longest delta: JSON may write a character as 6 of a frame's, and a delta must fit
+        # a socket's backlog (SOCKET_BACKLOG_BYTES) with room to spare, or a client reading as
+        # fast as it can would be closed as too slow.
+        self._delta_chars = max(64, settings.socket_backlog_bytes // 12)
 
     # Lifecycle.
 
@@ -111,15 +118,18 @@ class ChatService:
     # Sessions.
 
     async def open_session(self, session: str | None) -> tuple[str, int]:
-        """Return (id, last seq) of `session` when it exists, else of a new session."""
+        """(id, last seq) of `session` when it exists or was issued and not stored yet, else of
+        a new session. Nothing is stored for a new session until its first message (`submit`):
+        a handshake that says nothing costs the broker nothing (issue #13: each one stored a
+        session for SESSION_TTL_S, and a flood of them filled Redis). `chat/sessions.py` says
+        how its id works until then."""
         if session:
             last = await self.broker.last_seq(session)
             if last is not None:
                 return session, last
-        created = protocol.new_id()
-        await self.broker.create_session(created)
-        metrics.SESSIONS_OPENED.inc()
-        return created, 0
+            if await issued_unstored(self.broker, session, self.settings.session_ttl_s):
+                return session, 0
+        return await new_session_id(self.broker), 0
 
     def feed(self, session: str, after: int) -> AbstractAsyncContextManager[Feed]:
         return open_feed(self.broker, session, after, self.settings.socket_backlog_bytes)
@@ -129,18 +139,24 @@ class ChatService:
     async def submit(
         self, session: str, text: str, msg_id: str | None = None, *, client_ip: str = "unknown"
     ) -> Event:
-        """Accept a user message and start its reply. Refusals raise a `ClientError` (`Busy`,
-        `RateLimited`, `Overloaded`, `SessionExpired`, `Restarting`); nothing is stored then."""
+        """Accept a user message and start its reply; the first message of a session
+        `open_session` named stores it. Refusals raise a `ClientError` (`Busy`, `RateLimited`,
+        `Overloaded`, `SessionExpired`, `Restarting`); nothing is stored then."""
         if self.draining:
             raise Restarting("the server is restarting; your message was not sent", ref=msg_id)
-        if await self.broker.last_seq(session) is None:
-            # Appending would start it afresh at seq 1, below what its sockets have seen.
-            raise SessionExpired(
-                "this session has expired; reconnect to start a new one", ref=msg_id
-            )
         try:
+            # The limits first: no lookup is made for a client over them.
             self._check_replies_of(client_ip)
             await self.limits.check_message(session, client_ip)
+            new_session = await self.broker.last_seq(session) is None
+            if new_session:
+                if not await issued_unstored(self.broker, session, self.settings.session_ttl_s):
+                    # Expired (or never ours): appending would start it afresh at seq 1,
+                    # below what its sockets have seen.
+                    raise SessionExpired(
+                        "this session has expired; reconnect to start a new one", ref=msg_id
+                    )
+                await self.limits.check_new_session(client_ip)
             ticket = self.admission.reserve()
         except (RateLimited, Overloaded) as exc:
             exc.ref = msg_id
@@ -158,6 +174,9 @@ class ChatService:
                     ref=msg_id,
                 )
             try:
+                if new_session:
+                    await self._outlast(self.broker.create_session, session)
+                    metrics.SESSIONS_OPENED.inc()
                 await self._outlast(self.broker.add_turn, session, "user", text, key)
                 event = protocol.user_event(lease.msg_id, text)
                 accepted = await self._outlast(self.broker.append, session, event, key)
@@ -233,15 +252,15 @@ class ChatService:
                 history: list[Message] = await self._outlast(self.broker.history, session)
                 context = self._context(history)
                 gen.context_chars = sum(len(m["content"]) for m in context)
+                capped = False
+                gen.cut_at = asyncio.get_running_loop().time() + self.settings.max_reply_s
                 async with self.model.stream(context) as reply:
                     async for piece in reply:
                         gen.timer.delta()
-                        gen.text.append(piece)
-                        delta = protocol.delta_event(msg_id, piece)
-                        # A retried append never doubles text (the token is this reply's own).
-                        key = f"{gen.lease.token}:{len(gen.text)}"
-                        await self._outlast(self.broker.append, session, delta, key)
-                reason = "length" if reply.finish_reason == "length" else "stop"
+                        capped = await self._relay(gen, piece)
+                        if capped:
+                            break  # leaving the stream closes the upstream request
+                reason = "length" if capped or reply.finish_reason == "length" else "stop"
         except asyncio.CancelledError:
             if not gen.stop_requested:
                 # Shutdown or a lost lease: close the reply for clients, then really stop.
@@ -277,6 +296,26 @@ class ChatService:
         finally:
             self._running.pop(session, None)
         await self._finish(gen, reason)
+
+    async def _relay(self, gen: _Generation, piece: str) -> bool:
+        """Append `piece` of the model's reply, in deltas that fit a socket's backlog; True when
+        the reply reached MAX_REPLY_CHARS or MAX_REPLY_S (it then ends `length`): a model that
+        never stops must not fill the broker (issue #13: 1.1 GB of Redis in 30 s)."""
+        settings = self.settings
+        room = settings.max_reply_chars - gen.chars
+        capped = len(piece) >= room or asyncio.get_running_loop().time() >= gen.cut_at
+        piece = piece[:room]
+        for start in range(0, len(piece), self._delta_chars):
+            if start:
+                await asyncio.sleep(0)  # the sockets' senders take the last part first
+            part = piece[start : start + self._delta_chars]
+            gen.text.append(part)
+            gen.chars += len(part)
+            delta = protocol.delta_event(gen.lease.msg_id, part)
+            # A retried append never doubles text (the token is this reply's own).
+            key = f"{gen.lease.token}:{len(gen.text)}"
+            await self._outlast(self.broker.append, gen.session, delta, key)
+        return capped
 
     async def _finish(self, gen: _Generation, reason: protocol.DoneReason) -> None:
         """Record the reply in the history and close it with `done`, releasing the lease in the

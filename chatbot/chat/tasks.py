@@ -7,10 +7,12 @@ the very same reply stream.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any, Literal
 
 from .. import protocol
 from ..broker import Broker
+from ..errors import SessionExpired
 from .service import ChatService
 
 Status = Literal["queued", "running", "done", "error"]
@@ -23,8 +25,13 @@ async def start_task(
 
     Raises what `ChatService.submit` raises (`Busy`, `Restarting`, `BrokerUnavailable`).
     """
-    session, _ = await service.open_session(session)
-    accepted = await service.submit(session, text, client_ip=client_ip)
+    accepted = None
+    if session is not None:  # submitted at once: the rate limits come before any lookup
+        with suppress(SessionExpired):
+            accepted = await service.submit(session, text, client_ip=client_ip)
+    if accepted is None:
+        session, _ = await service.open_session(None)
+        accepted = await service.submit(session, text, client_ip=client_ip)
     task = protocol.new_id()
     record = {"session": session, "msg_id": accepted.data["id"], "seq": accepted.seq}
     await service.broker.put_task(task, record)

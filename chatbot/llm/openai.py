@@ -191,6 +191,10 @@ class OpenAIModel:
 
     def __init__(self, settings: Settings) -> None:
         self.name = settings.openai_model
+        # The reply's cap, asked of the service (MAX_REPLY_CHARS holds whatever it does).
+        self._limits = (
+            {"max_tokens": settings.max_reply_tokens} if settings.max_reply_tokens else {}
+        )
         self._first_token_timeout_s = settings.upstream_first_token_timeout_s
         self._idle_timeout_s = settings.upstream_idle_timeout_s
         self._max_retries = settings.upstream_max_retries
@@ -272,7 +276,8 @@ class OpenAIModel:
         allows. The caller's watchdog holds that deadline over this."""
         loop = asyncio.get_running_loop()
         # `messages` holds plain role/content strings, already checked by us.
-        body = json.dumps({"model": self.name, "messages": messages, "stream": True}).encode()
+        request = {"model": self.name, "messages": messages, "stream": True, **self._limits}
+        body = json.dumps(request).encode()
         retries = 0
         while True:
             status: int | None
