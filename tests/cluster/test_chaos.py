@@ -195,6 +195,7 @@ def cluster() -> Iterator[tuple[RedisProcess, list[ChatbotProcess], HAProxyProce
         "OPENAI_API_KEY": "sk-chaos-test",
         "RATE_LIMIT_IP": "100000/minute",
         "RATE_LIMIT_SESSION": "1000/minute",
+        "RATE_LIMIT_NEW_SESSIONS": "1000/minute",
         "MAX_SOCKETS_PER_IP": "100000",
         "LOG_LEVEL": "WARNING",
     }
