@@ -29,7 +29,7 @@ async def start_task(
     if session is not None:  # submitted at once: the rate limits come before any lookup
         with suppress(SessionExpired):
             accepted = await service.submit(session, text, client_ip=client_ip)
-    if accepted is None:
+    if session is None or accepted is None:
         session, _ = await service.open_session(None)
         accepted = await service.submit(session, text, client_ip=client_ip)
     task = protocol.new_id()
