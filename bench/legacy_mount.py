@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         RATE_LIMIT_SESSION="100000/minute",
         RATE_LIMIT_IP="1000000/minute",
         RATE_LIMIT_HANDSHAKES_IP="1000000/minute",
+        MAX_REPLIES_PER_IP="100000",
+        IP_TOKEN_BUDGET="1000000000/day",
         LOG_LEVEL="WARNING",
     )
     server = Server(
