@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     app.register_blueprint(http_api.blueprint)
     app.register_blueprint(page.blueprint(settings.chat_page_path))
+    # ASGI middleware the way Quart documents it, `app.asgi_app = wrap(app.asgi_app)`, which mypy
+    # reports as assigning to a method (here and below).
     app.asgi_app = read_body_first(app.asgi_app)  # type: ignore[method-assign]
     if settings.wsgi_app:  # every other HTTP request goes to the legacy app (docs/migrating.md)
         from .mount import mount_wsgi

@@ -229,7 +229,7 @@ async def _refuse(self: WSStream, code: int, reason: str | None = None) -> None:
     # A close frame's reason is at most 123 bytes of UTF-8.
     reason = (reason or "").encode()[:120].decode(errors="ignore")
     await self._send_wsproto_event(CloseConnection(code=code, reason=reason))
-    self._chatbot_refused = True  # type: ignore[attr-defined]
+    self.__dict__["_chatbot_refused"] = True  # ours, on Hypercorn's stream
     # The app hears of it when the stream ends: were it told now, its return would end the
     # stream at once, and the reset race the close frame.
     self.task_group.spawn(_linger, self)
