@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
 from chatbot.fake_openai import reply_chunks, reply_text
@@ -81,6 +82,11 @@ async def _hostile_calls(server: ChatbotProcess) -> list[tuple[str, int]]:
             body = '{"message": "hi", "session": ' + _escaped(value) + "}"
             reply = await http.post("/api/ask", content=body, headers=headers)
             outcomes.append((f"ask session={value!r:.20}", reply.status_code))
+        for value in ("\ud800", "a\udfffb", 12, ["hi"], None, " "):  # messages, on both routes
+            for route in ("/chat", "/api/ask"):
+                body = '{"message": ' + _escaped(value) + "}"
+                reply = await http.post(route, content=body, headers=headers)
+                outcomes.append((f"{route} message={value!r:.20}", reply.status_code))
         for raw in ("%ED%A0%80", "x" * 5000, "a%20b", "s%3Ameta", "%00", "%2A"):
             reply = await http.get(f"/api/tasks/{raw}")
             outcomes.append((f"task {raw:.20}", reply.status_code))
@@ -167,5 +173,35 @@ async def test_split_surrogate_pairs_from_the_model_arrive_as_unicode(
         neighbours = await watching
         assert text_of(neighbours) == reply_text("slow", 30)
         assert "Traceback" not in process.output()
+    finally:
+        process.stop()
+
+
+async def test_an_address_over_its_rate_is_refused_before_any_lookup(
+    upstream: FakeOpenAIProcess, redis: RedisProcess
+) -> None:
+    env = {"REDIS_URL": redis.url, "OPENAI_BASE_URL": upstream.base_url, "RATE_LIMIT_IP": "2/hour"}
+    process = ChatbotProcess(env).start()
+    unknown = "a-session-id-nobody-issued"
+    try:
+        async with (
+            httpx.AsyncClient(base_url=process.url, timeout=TIMEOUT_S) as http,
+            aioredis.from_url(redis.url, decode_responses=True) as admin,
+        ):
+            for _ in range(2):
+                assert (await http.post("/api/ask", json={"message": "hi"})).status_code == 202
+            async with admin.monitor() as monitor:
+                body = {"message": "hi", "session": unknown}
+                refused = await http.post("/api/ask", json=body)
+                await admin.echo("end of the refused request")
+                commands = []
+                async with asyncio.timeout(TIMEOUT_S):
+                    while "end of the refused" not in (
+                        c := (await monitor.next_command())["command"]
+                    ):
+                        commands.append(c)
+        assert refused.status_code == 429
+        # Neither a lookup of the session it names nor a rate-limit key made for it.
+        assert [c for c in commands if unknown in c] == []
     finally:
         process.stop()

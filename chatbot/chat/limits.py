@@ -67,7 +67,9 @@ class AbuseLimits:
         """
         checks = [(self._per_ip, "ip", ip)]
         if session is not None:
-            checks.insert(0, (self._per_session, "session", session))
+            # After the address's: a client over its rate makes no key for the session it
+            # names (a stream of made-up session ids would each leave one in Redis).
+            checks.append((self._per_session, "session", session))
         for item, scope, key in checks:
             if not await self._limiter.hit(item, scope, key):
                 message = f"too many messages from this {scope}: at most {_describe(item)}"
