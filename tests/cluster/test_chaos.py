@@ -197,6 +197,10 @@ def cluster() -> Iterator[tuple[RedisProcess, list[ChatbotProcess], HAProxyProce
         "RATE_LIMIT_SESSION": "1000/minute",
         "RATE_LIMIT_NEW_SESSIONS": "1000/minute",
         "MAX_SOCKETS_PER_IP": "100000",
+        # 50 chatters from one address, ~25 on each instance, reconnecting through the outage.
+        "MAX_REPLIES_PER_IP": "1000",
+        "RATE_LIMIT_HANDSHAKES_IP": "100000/minute",
+        "IP_TOKEN_BUDGET": "1000000000/day",
         "LOG_LEVEL": "WARNING",
     }
     instances = [ChatbotProcess(env, name=f"chatbot-{n}").start() for n in (1, 2)]
