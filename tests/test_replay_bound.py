@@ -32,6 +32,7 @@ def server() -> Iterator[ChatbotProcess]:
         "RATE_LIMIT_SESSION": "100000/minute",
         "RATE_LIMIT_IP": "100000/minute",
         "SESSION_TOKEN_BUDGET": "1000000000/day",
+        "IP_TOKEN_BUDGET": "1000000000/day",
         "SESSION_LOG_MAX_EVENTS": "20000",
     }
     chatbot = ChatbotProcess(env).start()
@@ -44,8 +45,8 @@ async def write_long_conversation(server: ChatbotProcess) -> str:
         session = str(json.loads(await ws.recv())["session"])
         for n in range(MESSAGES):
             await ws.send(json.dumps({"type": "message", "text": f"{n} " + "x" * (CHARS - 8)}))
-            while json.loads(await ws.recv())["type"] != "done":
-                pass
+            while (frame := json.loads(await ws.recv()))["type"] != "done":
+                assert frame["type"] != "error", frame  # e.g. a limit: fail now, not at the timeout
     return session
 
 
