@@ -30,6 +30,7 @@ def server() -> Iterator[ChatbotProcess]:
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_API_KEY": "sk-test",
         "SOCKET_BACKLOG_BYTES": str(BACKLOG_BYTES),
+        "MAX_REPLY_CHARS": str(2 * CHUNKS * PAD),  # the flood is ~6 MB of text: not cut short
     }
     chatbot = ChatbotProcess(env).start()
     yield chatbot
