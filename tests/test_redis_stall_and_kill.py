@@ -93,7 +93,9 @@ async def test_a_redis_stall_past_the_timeout_applies_nothing_twice(
     upstream: FakeOpenAIProcess,
 ) -> None:
     redis = RedisProcess().start()
-    server = ChatbotProcess(_env(redis, upstream, GENERATION_LEASE_S="10")).start()
+    # 30 sessions, some of them refused once (unavailable) and counted again: not the subject.
+    env = _env(redis, upstream, GENERATION_LEASE_S="10", RATE_LIMIT_NEW_SESSIONS="1000/minute")
+    server = ChatbotProcess(env).start()
     long = "streaming [[fake:chunks=40]] [[fake:interval_ms=50]]"
     try:
         async with aioredis.from_url(redis.url, decode_responses=True) as admin:
