@@ -12,6 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
+from chatbot.fake_openai import reply_text
+
 from .support.frames import text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess
 from .support.waiting import wait_until
@@ -95,3 +97,16 @@ async def test_a_model_that_never_stops_is_cut_before_it_fills_redis(
         info = await admin.info("memory")
         assert info["used_memory"] < info["maxmemory"]
         assert (await chat(server, "next"))[-1]["reason"] == "stop"
+
+
+async def test_a_piece_larger_than_the_socket_backlog_reaches_a_fast_reader_whole(
+    upstream: FakeOpenAIProcess,
+) -> None:
+    # One piece of the model's of 60,000 characters, 3.7 times the socket's backlog: it goes
+    # out as deltas of at most SOCKET_BACKLOG_BYTES / 12 characters (it closed the socket, 1013).
+    async with small_redis_and_server(upstream, SOCKET_BACKLOG_BYTES="16384") as (_, server):
+        frames = await chat(server, "big [[fake:chunks=2]] [[fake:pad=60000]]")
+    deltas = [f["text"] for f in frames if f["type"] == "delta"]
+    assert frames[-1]["reason"] == "stop"
+    assert "".join(deltas) == reply_text("big", 2, pad=60000)
+    assert max(len(d) for d in deltas) <= 16384 // 12
