@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
 from chatbot.fake_openai import reply_text
@@ -57,6 +58,8 @@ class Chatter:
         self.expected: dict[str, str] = {}  # message id -> the upstream's reply text
         self.pieces: dict[str, list[str]] = {}  # reply_to -> delta texts, this epoch
         self.ended: set[str] = set()
+        self.accepted: set[str] = set()  # messages whose `user` event this user saw
+        self.connects = 0  # sockets opened (`ready` received)
         self.open: str | None = None  # the message whose reply this user waits for
         self.sent = 0
         self.quiet_until = 0.0  # after a refusal, wait a little before sending again
@@ -104,6 +107,7 @@ class Chatter:
             self.seen["new epoch at resume"] += 1
             self.last, self.pieces = 0, {}
         self.epoch = ready["epoch"]
+        self.connects += 1
         silent_since = time.monotonic()
         while not (stop.is_set() and self.open is None):
             if self.open is None and time.monotonic() >= self.quiet_until:
@@ -115,7 +119,14 @@ class Chatter:
                 frame = json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_S))
             except TimeoutError:
                 if time.monotonic() - silent_since > SILENCE_S:
-                    return self.problem(f"no frame for {SILENCE_S} s with reply {self.open} open")
+                    state = (
+                        "accepted" if self.open in self.accepted else "never accepted nor refused"
+                    )
+                    return self.problem(
+                        f"no frame for {SILENCE_S} s with reply {self.open} open ({state}; "
+                        f"session {self.session}, seq {self.last}, socket {self.connects}, "
+                        f"seen {dict(self.seen)})"
+                    )
                 continue
             silent_since = time.monotonic()
             if not self._take(frame):
@@ -138,7 +149,9 @@ class Chatter:
                 self.problem(f"seq {seq} after {self.last}: {frame}")
                 return False
             self.last = seq
-        if kind == "delta":
+        if kind == "user":
+            self.accepted.add(frame["id"])
+        elif kind == "delta":
             self.pieces.setdefault(frame["reply_to"], []).append(frame["text"])
         elif kind == "done":
             self._end(frame["reply_to"], frame["reason"])
@@ -201,7 +214,7 @@ def cluster() -> Iterator[tuple[RedisProcess, list[ChatbotProcess], HAProxyProce
         "MAX_REPLIES_PER_IP": "1000",
         "RATE_LIMIT_HANDSHAKES_IP": "100000/minute",
         "IP_TOKEN_BUDGET": "1000000000/day",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",  # what `explain` prints when a socket hangs
     }
     instances = [ChatbotProcess(env, name=f"chatbot-{n}").start() for n in (1, 2)]
     # The shipped config has three server slots: the third points at a closed port, and the
@@ -231,6 +244,9 @@ async def test_chaos_redis_killed_for_20_s_then_restarted_empty(
 
         try:
             await wait_until(done, timeout_s)
+        except AssertionError:
+            await explain(redis, instances, chatters)
+            raise
         except TimeoutError:
             lagging = {c.n: (c.open, dict(c.seen)) for c in chatters if not c.exact[name]}
             raise AssertionError(f"no whole reply in phase {name!r}: {lagging}") from None
@@ -272,6 +288,31 @@ async def test_chaos_redis_killed_for_20_s_then_restarted_empty(
     assert seen["session_expired"] + seen["new session"] == SESSIONS, seen
     print(f"\nchaos: ready {back_s:.1f} s after Redis's return, {empty_back_s:.1f} s when empty")
     print(f"chaos: whole replies {sum((c.exact for c in chatters), Counter())}, seen {seen}")
+
+
+async def explain(
+    redis: RedisProcess, instances: list[ChatbotProcess], chatters: list[Chatter]
+) -> None:
+    """Print, for each user with a problem, what Redis holds of its session (its lease and the
+    end of its log) and what the instances logged about it: a hang found once under load must
+    say where it stopped."""
+    async with aioredis.from_url(redis.url, decode_responses=True) as admin:
+        for chatter in chatters:
+            if not chatter.problems or chatter.session is None:
+                continue
+            session = chatter.session
+            lease = await admin.hget("chatbot:lease", session)
+            due = await admin.zscore("chatbot:lease:due", session)
+            (now_s, now_us) = await admin.time()
+            tail = await admin.xrevrange(f"chatbot:s:{session}:log", count=6)
+            now_ms = now_s * 1000 + now_us // 1000
+            print(f"\n{chatter.problems[0]}\n  lease {lease!r} due {due} (now {now_ms})")
+            for _, fields in reversed(tail):
+                print(f"  log {fields['f'][:160]}")
+            for instance in instances:
+                for line in instance.output().splitlines():
+                    if session[:6] in line:
+                        print(f"  {instance.name}: {line[:300]}")
 
 
 async def unready(instance: ChatbotProcess) -> bool:
