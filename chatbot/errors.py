@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class ChatbotError(Exception):
     """Base class of every error the service raises on purpose."""
@@ -90,6 +92,8 @@ class UpstreamError(ChatbotError):
     `retryable` says whether sending the same message again later may succeed.
     """
 
+    retry_after_s: int | None = None  # when the service is known to be back
+
     def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.code = code
@@ -121,3 +125,59 @@ class EpochChanged(BrokerUnavailable):
     def __init__(self, epoch: str) -> None:
         super().__init__(f"redis began a new epoch ({epoch}): its data is not what was seen")
         self.epoch = epoch
+
+
+# What a client is told about each error, on every HTTP route and on the socket: the most
+# specific class of the error names its HTTP status; the socket's `error` frame carries the
+# same code and message (docs/protocol.md).
+STATUSES: dict[type[ChatbotError], int] = {
+    RateLimited: 429,
+    Busy: 409,
+    SessionExpired: 410,
+    Restarting: 503,  # the client reconnects, through the balancer, elsewhere
+    Overloaded: 503,
+    ClientError: 400,  # FrameError, TooLong
+    CircuitOpen: 503,  # down for a while: not this request's fault
+    UpstreamError: 502,
+    BrokerUnavailable: 503,
+    ChatbotError: 500,
+}
+
+# A `BrokerUnavailable` carries Redis's words, not a user's: each caller says what it could not do.
+CANNOT_ACCEPT = "The service cannot accept messages right now; try again."
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An error as a client sees it: an HTTP `status` with `{"error": message}` (and
+    `Retry-After`), or an `error` frame with `code`, `message`, `id` (`ref`) and `retry_after`."""
+
+    status: int
+    code: str
+    message: str
+    ref: str | None = None
+    retry_after_s: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+    @property
+    def serious(self) -> bool:
+        """Worth a warning in the log (abuse, or the service failing), not an info line."""
+        return self.status == 429 or self.status >= 500
+
+
+def refusal(
+    exc: ChatbotError, *, ref: str | None = None, unavailable: str = CANNOT_ACCEPT
+) -> Refusal:
+    """`exc` as a client sees it, from the one table `STATUSES`. `ref` names the client's
+    message when `exc` does not; `unavailable` says what a `BrokerUnavailable` prevented."""
+    status = next(STATUSES[cls] for cls in type(exc).__mro__ if cls in STATUSES)
+    if isinstance(exc, ClientError):
+        return Refusal(status, exc.code, exc.message, exc.ref, exc.retry_after_s)
+    if isinstance(exc, UpstreamError):
+        return Refusal(status, exc.code, exc.message, ref, exc.retry_after_s)
+    if isinstance(exc, BrokerUnavailable):
+        return Refusal(status, "unavailable", unavailable, ref)
+    return Refusal(status, "internal_error", "internal error", ref)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, Literal
 
-from .errors import ClientError, FrameError, TooLong
+from .errors import FrameError, Refusal, TooLong
 
 MAX_CLIENT_ID_CHARS: Final = 64
 # The ids the server issues (sessions, tasks) are 22 URL-safe characters (`new_id`); this is what
@@ -192,9 +192,10 @@ def error(
     return frame
 
 
-def refusal(exc: ClientError) -> dict[str, Any]:
-    """The error frame for a refused client request."""
-    return error(exc.code, exc.message, exc.ref, exc.retry_after_s)
+def refusal(answer: Refusal) -> dict[str, Any]:
+    """The error frame of a refused client request (`errors.refusal`: the code and message
+    the HTTP routes give too)."""
+    return error(answer.code, answer.message, answer.ref, answer.retry_after_s)
 
 
 # Conversation events. The broker adds "seq" when it appends them to the session log.

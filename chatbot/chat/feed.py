@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from .. import protocol
 from ..broker import GONE, NEW_EPOCH, RESYNC, Broker, Event, Subscription, cancelling
-from ..errors import BrokerUnavailable, SessionExpired
+from ..errors import BrokerUnavailable, SessionExpired, refusal
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Feed:
         if last is None:
             log.info("session %s… lost with the broker's data", session[:6])
             expired = SessionExpired(GONE)
-            notices += [protocol.encode(protocol.refusal(expired)), _END]
+            notices += [protocol.encode(protocol.refusal(refusal(expired))), _END]
         else:
             log.info("session %s… starts over in epoch %s", session[:6], epoch)
             notices.append(protocol.encode(protocol.resync(epoch, last)))

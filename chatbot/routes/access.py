@@ -24,7 +24,7 @@ from werkzeug.datastructures import Headers
 
 from ..app import chat_service, settings
 from ..chat.limits import client_ip
-from ..errors import FrameError, RateLimited
+from ..errors import CANNOT_ACCEPT, ChatbotError, FrameError, RateLimited, refusal
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ async def access_refusal(*, limit: bool) -> JsonReply | None:
         try:
             await chat_service().limits.check_message(None, request_ip())
         except RateLimited as exc:
-            return too_many(exc)
+            return refused(exc)
     return None
 
 
@@ -74,9 +74,13 @@ def request_ip() -> str:
     return client_ip(request.remote_addr, forwarded, settings().trusted_proxy_hops)
 
 
-def too_many(exc: RateLimited) -> JsonReply:
-    log.warning("refused %s %s: %s", request.method, request.path, exc.message)
-    return {"error": exc.message}, 429, {"Retry-After": str(exc.retry_after_s)}
+def refused(exc: ChatbotError, unavailable: str = CANNOT_ACCEPT) -> JsonReply:
+    """The current request's answer to `exc` (`errors.STATUSES`), logged; `unavailable` says
+    what a `BrokerUnavailable` prevented."""
+    answer = refusal(exc, unavailable=unavailable)
+    level = logging.WARNING if answer.serious else logging.INFO
+    log.log(level, "refused %s %s: %s", request.method, request.path, answer.message)
+    return {"error": answer.message}, answer.status, answer.headers
 
 
 def protected(view: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:

@@ -10,19 +10,8 @@ from quart import Blueprint, Response, request
 from .. import descriptors, metrics, protocol
 from ..app import chat_service, settings
 from ..chat.tasks import start_task, task_status
-from ..errors import (
-    BrokerUnavailable,
-    Busy,
-    CircuitOpen,
-    ClientError,
-    FrameError,
-    Overloaded,
-    RateLimited,
-    Restarting,
-    SessionExpired,
-    UpstreamError,
-)
-from .access import JsonReply, access_refusal, request_ip, too_many
+from ..errors import ChatbotError, ClientError, UpstreamError
+from .access import JsonReply, access_refusal, refused, request_ip
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +39,11 @@ async def chat() -> JsonReply:
     service = chat_service()
     try:
         await service.limits.check_message(None, request_ip())
-    except RateLimited as exc:
-        return too_many(exc)
-    try:
         return {"response": await service.complete(message)}, 200
-    except UpstreamError as exc:
-        log.warning("POST /chat failed upstream: %s", exc.code)
-        metrics.upstream_error(exc.code)
-        if isinstance(exc, CircuitOpen):  # down for a while: not this request's fault
-            return {"error": exc.message}, 503, {"Retry-After": str(exc.retry_after_s)}
-        return {"error": exc.message}, 502
+    except ChatbotError as exc:
+        if isinstance(exc, UpstreamError):
+            metrics.upstream_error(exc.code)
+        return refused(exc)
 
 
 @blueprint.post("/api/ask")
@@ -75,32 +59,17 @@ async def ask() -> JsonReply:
         if session is not None:
             protocol.check_id(session, "session")
         return await start_task(chat_service(), session, message, request_ip()), 202
-    except RateLimited as exc:
-        return too_many(exc)
-    except FrameError as exc:
-        log.info("refused POST /api/ask: %s", exc.message)
-        return {"error": exc.message}, 400
-    except Busy as exc:
-        return {"error": exc.message}, 409
-    except SessionExpired as exc:  # it expired, or Redis lost it, while this request ran
-        return {"error": exc.message}, 410
-    except (Restarting, Overloaded) as exc:
-        return {"error": exc.message}, 503
-    except BrokerUnavailable:
-        return {"error": "The service cannot accept messages right now; try again."}, 503
+    except ChatbotError as exc:  # SessionExpired: it expired, or Redis lost it, meanwhile
+        return refused(exc)
 
 
 @blueprint.get("/api/tasks/<task>")
 async def task(task: str) -> JsonReply:
     try:
         protocol.check_id(task, "the task")
-    except FrameError as exc:
-        log.info("refused GET /api/tasks: %s", exc.message)
-        return {"error": exc.message}, 400
-    try:
         status = await task_status(chat_service().broker, task)
-    except BrokerUnavailable:
-        return {"error": "The service cannot read tasks right now; try again."}, 503
+    except ChatbotError as exc:
+        return refused(exc, "The service cannot read tasks right now; try again.")
     if status is None:
         return {"error": "No such task (it may have expired)."}, 404
     return status, 200

@@ -23,7 +23,7 @@ from ..app import Closing
 from ..chat.feed import Feed
 from ..chat.limits import client_ip
 from ..chat.service import ChatService
-from ..errors import BrokerUnavailable, ClientError, RateLimited, SessionExpired
+from ..errors import CANNOT_ACCEPT, BrokerUnavailable, ChatbotError, SessionExpired, refusal
 from ..hypercorn_fixes import ACTIVITY
 from ..protocol import CloseCode
 from ..watchdog import Watchdog
@@ -118,6 +118,15 @@ class Client:
         )
         await self._send({"type": "websocket.http.response.body", "body": body})
 
+    async def refuse_error(
+        self, scope: Scope, exc: ChatbotError, unavailable: str = CANNOT_ACCEPT
+    ) -> None:
+        """Refuse the handshake as the HTTP routes answer `exc` (`errors.STATUSES`), logged."""
+        answer = refusal(exc, unavailable=unavailable)
+        level = logging.WARNING if answer.serious else logging.INFO
+        log.log(level, "refused websocket: %s", exc)
+        await self.refuse(scope, answer.status, answer.message, answer.retry_after_s)
+
 
 async def chat_socket(
     scope: Scope, receive: Receive, send: Send, service: ChatService, closing: Closing
@@ -139,9 +148,8 @@ async def chat_socket(
         return await client.refuse(scope, 403, "origin not allowed")
     try:
         credentials = socket_credentials(scope.get("subprotocols") or (), args)
-    except ClientError as exc:
-        log.info("refused websocket: %s", exc.message)
-        return await client.refuse(scope, 400, exc.message)
+    except ChatbotError as exc:
+        return await client.refuse_error(scope, exc)
     client.subprotocol = credentials.subprotocol
     if not token_ok(config.access_token, headers, credentials.token):
         log.warning("refused websocket without a valid access token")
@@ -156,9 +164,8 @@ async def chat_socket(
     if asked is not None:
         try:
             protocol.check_id(asked, "session")
-        except ClientError as exc:
-            log.info("refused websocket: %s", exc.message)
-            return await client.refuse(scope, 400, exc.message)
+        except ChatbotError as exc:
+            return await client.refuse_error(scope, exc)
     if closing.is_set():  # restarting: the client reconnects, through the balancer, elsewhere
         return await client.refuse(scope, 503, "restarting")
     peer = scope.get("client")
@@ -176,12 +183,8 @@ async def chat_socket(
             # The epoch the client's `after` belongs to; another one means its seqs are void.
             epoch = args.get("epoch") if after_arg is not None else None
             await _serve(client, service, closing, session, last, after, epoch, ip)
-    except RateLimited as exc:
-        log.warning("refused websocket: %s", exc.message)
-        await client.refuse(scope, 429, exc.message, retry_after_s=exc.retry_after_s)
-    except BrokerUnavailable as exc:
-        log.warning("refused websocket: %s", exc)
-        await client.refuse(scope, 503, "the service cannot open sessions right now")
+    except ChatbotError as exc:
+        await client.refuse_error(scope, exc, "the service cannot open sessions right now")
     except Exception:  # before accept (after it, _serve closes with 1011 itself)
         log.exception("websocket handshake failed")
         await client.refuse(scope, 500, "internal error")
@@ -329,19 +332,15 @@ async def _handle(
             await service.stop(session)
         else:
             await service.submit(session, frame.text, frame.id, client_ip=ip)
-    except SessionExpired as exc:
-        log.info("session %s… expired under an open socket", session[:6])
-        feed.push_local(protocol.encode(protocol.refusal(exc)))
-        feed.end()  # the sender sends the error, then the socket closes
-        await asyncio.Event().wait()  # until the sender, done, ends the socket
-    except ClientError as exc:
-        log.info("session %s…: %s: %s", session[:6], exc.code, exc.message)
-        feed.push_local(protocol.encode(protocol.refusal(exc)))
-    except BrokerUnavailable:
-        log.warning("session %s…: broker unavailable, message refused", session[:6])
+    except ChatbotError as exc:
         ref = frame.id if isinstance(frame, protocol.SendMessage) else None
-        message = "The service cannot accept messages right now; try again."
-        feed.push_local(protocol.encode(protocol.error("unavailable", message, ref)))
+        answer = refusal(exc, ref=ref)
+        level = logging.WARNING if answer.serious else logging.INFO
+        log.log(level, "session %s…: %s: %s", session[:6], answer.code, exc)
+        feed.push_local(protocol.encode(protocol.refusal(answer)))
+        if isinstance(exc, SessionExpired):
+            feed.end()  # the sender sends the error, then the socket closes
+            await asyncio.Event().wait()  # until the sender, done, ends the socket
 
 
 def origin_allowed(
