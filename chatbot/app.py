@@ -140,7 +140,7 @@ async def drain(app: Quart) -> None:
     """
     service: ChatService = app.extensions["chat"]
     closing: Closing = app.extensions["closing"]
-    if service.broker.kind != "memory":
+    if service.broker.shared:
         closing.set()
     deadline = asyncio.get_running_loop().time() + service.settings.shutdown_grace_s
     await service.drain(service.settings.shutdown_grace_s)

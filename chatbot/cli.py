@@ -17,7 +17,7 @@ from typing import Any
 from hypercorn.config import Config
 from quart import Quart
 
-from . import collector, hypercorn_fixes, logs, metrics
+from . import broker, collector, hypercorn_fixes, logs, metrics
 from .errors import SettingsError
 from .settings import Settings
 
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings.replace(**overrides)
     logs.configure(settings)
     workers = settings.web_concurrency if args.workers is None else args.workers
-    if workers > 1 and not settings.broker_shared:
+    if workers > 1 and not broker.backend(settings.redis_url).shared:
         if args.workers is not None:
             print(
                 f"chatbot: --workers {workers} needs REDIS_URL: with the in-process broker each "

@@ -222,7 +222,7 @@ class _ServiceCollector:
         yield CounterMetricFamily(
             "chatbot_broker_reconnects",
             "Times the Redis pub/sub listener was re-established after a failure.",
-            value=sum(getattr(s.broker, "reconnects", 0) for s in services),
+            value=sum(s.broker.stats().reconnects for s in services),
         )
 
 

@@ -91,11 +91,6 @@ class Settings:
         return not self.openai_api_key and not self.openai_base_url
 
     @property
-    def broker_shared(self) -> bool:
-        """REDIS_URL names a shared broker (else the in-process one serves one process)."""
-        return bool(self.redis_url) and not str(self.redis_url).startswith("memory://")
-
-    @property
     def lease_check_interval_s(self) -> float:
         """How often instances look for generations whose owner died (bounded failover)."""
         return max(0.05, self.lease_ttl_s / 4)
@@ -113,6 +108,8 @@ class Settings:
                 "is no longer read; set UPSTREAM_CONNECT_TIMEOUT_S, "
                 "UPSTREAM_FIRST_TOKEN_TIMEOUT_S and UPSTREAM_IDLE_TIMEOUT_S instead",
             )
+        from .broker import BACKENDS  # the broker imports this module
+
         reader = _Reader(env)
         d = cls()  # the defaults
         settings = cls(
@@ -123,7 +120,7 @@ class Settings:
             openai_base_url=reader.get("OPENAI_BASE_URL", _url(("http", "https")), None),
             openai_model=reader.get("OPENAI_MODEL", str, d.openai_model),
             system_prompt=reader.get("SYSTEM_PROMPT", str, d.system_prompt),
-            redis_url=reader.get("REDIS_URL", _url(("redis", "rediss", "memory")), None),
+            redis_url=reader.get("REDIS_URL", _url(tuple(BACKENDS)), None),
             redis_max_connections=reader.get(
                 "REDIS_MAX_CONNECTIONS", _at_least(3), d.redis_max_connections
             ),

@@ -137,9 +137,9 @@ async def test_the_in_process_sweep_of_expired_keys_runs_once_per_interval() -> 
     """`limits`' MemoryStorage starts a sweep of every key on every call once the last one has
     ended; ours sweeps once per SWEEP_INTERVAL_S. The hook it replaces is private to `limits`:
     an upgrade that renames it fails here instead of quietly sweeping per message again."""
-    from chatbot.chat.limits import _paced_memory_storage
+    from chatbot.broker.memory import paced_memory_storage
 
-    storage = _paced_memory_storage()
+    storage = paced_memory_storage()
     await storage.incr("a", 60)
     first = storage.timer
     assert first is not None
@@ -170,11 +170,12 @@ async def test_a_reply_spends_its_tokens_and_an_overdraft_spends_exactly_the_res
 
 
 def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
-    """`_storage` routes these scripts of `limits`' Redis bridge through the broker's batches;
-    if an upgrade renames them, the rate limits would quietly go back to a round trip each."""
+    """`RedisBroker.rate_limit_storage` routes these scripts of `limits`' Redis bridge through
+    the broker's batches; if an upgrade renames them, the rate limits would quietly go back to
+    a round trip each."""
     from limits.aio.storage import RedisStorage
 
-    from chatbot.chat.limits import BATCHED_SCRIPTS
+    from chatbot.broker.redis import BATCHED_SCRIPTS
 
     storage = RedisStorage("async+redis://127.0.0.1:1", implementation="redispy")
     for name in BATCHED_SCRIPTS:

@@ -1,34 +1,62 @@
-"""Shared state and messaging between instances: the interface and its backends."""
+"""Shared state and messaging between instances: the interface and its backends.
+
+A backend is one module here and one line in `BACKENDS`: the URL schemes of REDIS_URL it serves.
+It is imported only when a URL names it, so the in-process default never loads redis-py.
+"""
 
 from __future__ import annotations
 
-from ..settings import Settings
-from .base import GONE, NEW_EPOCH, RESYNC, Broker, Event, Hub, Lease, Subscription, cancelling
+import importlib
+from typing import TYPE_CHECKING, Final
+
+from .base import (
+    GONE,
+    NEW_EPOCH,
+    RESYNC,
+    Broker,
+    BrokerStats,
+    Event,
+    Hub,
+    Lease,
+    Subscription,
+    cancelling,
+)
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = [
+    "BACKENDS",
     "GONE",
     "NEW_EPOCH",
     "RESYNC",
     "Broker",
+    "BrokerStats",
     "Event",
     "Hub",
     "Lease",
     "Subscription",
+    "backend",
     "cancelling",
     "open_broker",
 ]
 
+# URL scheme -> "module:class" of the backend that serves it (without REDIS_URL: "memory").
+BACKENDS: Final = {
+    "memory": "chatbot.broker.memory:MemoryBroker",
+    "redis": "chatbot.broker.redis:RedisBroker",
+    "rediss": "chatbot.broker.redis:RedisBroker",
+}
+
+
+def backend(url: str | None) -> type[Broker]:
+    """The class of the backend `url` names (imported now), the in-process one for None."""
+    scheme = url.partition("://")[0].lower() if url else "memory"
+    module, _, name = BACKENDS[scheme].partition(":")
+    cls: type[Broker] = getattr(importlib.import_module(module), name)
+    return cls
+
 
 def open_broker(settings: Settings) -> Broker:
-    """The backend `REDIS_URL` names (imported lazily), or the in-process one without it."""
-    if settings.broker_shared:
-        from .redis import RedisBroker
-
-        return RedisBroker(settings)
-    from .memory import MemoryBroker
-
-    return MemoryBroker(
-        history_turns=settings.history_turns,
-        log_max_events=settings.session_log_max_events,
-        session_ttl_s=settings.session_ttl_s,
-    )
+    """The backend `REDIS_URL` names, or the in-process one without it."""
+    return backend(settings.redis_url).from_settings(settings)

@@ -18,9 +18,14 @@ import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from ..llm.base import Message
+
+if TYPE_CHECKING:
+    from limits.aio.storage import Storage
+
+    from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +209,36 @@ class Hub:
 ControlHandler = Callable[[dict[str, Any]], None]
 
 
-class Broker(Protocol):
-    """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`."""
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    """What a backend counts for /metrics (a backend without the thing counted says 0)."""
 
-    kind: str
+    reconnects: int = 0  # times its link to the other instances was re-established
+
+
+class Broker(Protocol):
+    """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`.
+
+    Besides the state, a backend declares what the rest of the service must know of it: whether
+    its state is `shared` by every instance that names it, the storage its instances' rate
+    limits count in, and its stats.
+    """
+
+    kind: ClassVar[str]  # its name in logs and /readyz
+    # Every instance using it sees the same state: another instance can resume a socket, and
+    # a restarting one need not keep its sockets open until their replies end.
+    shared: ClassVar[bool]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Broker:
+        """The backend `settings` configure (connections open in `start`)."""
+
+    def rate_limit_storage(self, key_prefix: str) -> Storage:
+        """The `limits` storage of the rate limits, as shared as the backend's state; its keys
+        start with `key_prefix`."""
+
+    def stats(self) -> BrokerStats:
+        """Its counts for /metrics, read at scrape time. Never raises, never waits."""
 
     @property
     def epoch(self) -> str:

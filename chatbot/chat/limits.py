@@ -1,11 +1,10 @@
 """Abuse limits: message rates per session and per client IP, a token budget per session, and
 concurrent sockets per IP. Shared by every instance when REDIS_URL is set.
 
-Rates and the budget use the `limits` library's sliding-window counters (its Redis storage runs
-on our own connection pool and its scripts in the broker's batches, so it costs no extra
-connections or round trips); the socket count is a broker
-counter. Over a limit nothing reaches the model: the client gets `rate_limited` with the seconds
-to wait.
+Rates and the budget use the `limits` library's sliding-window counters, in the storage the
+broker provides (Redis's runs on the broker's own connections and batches, so it costs no extra
+connections or round trips); the socket count is a broker counter. Over a limit nothing
+reaches the model: the client gets `rate_limited` with the seconds to wait.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import NoReturn
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from .. import metrics
@@ -30,7 +28,6 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chatbot:limits"
 SOCKET_COUNT_TTL_S = 3600  # an address's count, unchanged this long, is forgotten
-BATCHED_SCRIPTS = ("lua_sliding_window", "lua_acquire_sliding_window")  # of `limits`' bridge
 
 
 def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted_hops: int) -> str:
@@ -58,7 +55,7 @@ class AbuseLimits:
         self._budget = parse(settings.session_token_budget)
         self._ip_budget = parse(settings.ip_token_budget)
         self._new_sessions = parse(settings.rate_limit_new_sessions)
-        self._limiter = SlidingWindowCounterRateLimiter(_storage(broker))
+        self._limiter = SlidingWindowCounterRateLimiter(broker.rate_limit_storage(KEY_PREFIX))
 
     async def check_message(self, session: str | None, ip: str) -> None:
         """Count one message; raise `RateLimited` (nothing else happens) when over a limit.
@@ -160,55 +157,3 @@ def _describe(item: RateLimitItem) -> str:
     unit = item.GRANULARITY.name
     per = f"{item.multiples} {unit}s" if item.multiples > 1 else unit
     return f"{item.amount} per {per}"
-
-
-SWEEP_INTERVAL_S = 10.0  # of the in-process storage's expired keys
-
-
-def _paced_memory_storage() -> MemoryStorage:
-    """`limits`' in-process storage, with its sweep of expired keys paced.
-
-    Its every call starts a sweep of *all* keys (as soon as the previous one has ended), which
-    made the sweep O(sessions) per message: 4 % of the CPU at 700 concurrent sessions
-    (docs/benchmarks.md). Reads already drop an expired key when they meet it, so the sweep
-    only reclaims the memory of keys nobody reads again: once per SWEEP_INTERVAL_S is plenty.
-
-    The hook is replaced on the instance, not in a subclass: `limits` wraps the storage
-    methods again in every subclass (`Storage.__init_subclass__`), and each layer is another
-    coroutine per call, five calls per reply.
-    """
-    storage = MemoryStorage()
-    sweep = storage._MemoryStorage__schedule_expiry  # type: ignore[attr-defined]
-    next_sweep = 0.0
-
-    async def paced() -> None:
-        nonlocal next_sweep
-        now = time.monotonic()
-        if now >= next_sweep:
-            next_sweep = now + SWEEP_INTERVAL_S
-            await sweep()
-
-    storage._MemoryStorage__schedule_expiry = paced  # type: ignore[attr-defined]
-    return storage
-
-
-def _storage(broker: Broker) -> Storage:
-    if broker.kind != "redis":
-        return _paced_memory_storage()
-    from ..broker.redis import RedisBroker
-
-    assert isinstance(broker, RedisBroker)
-    storage = RedisStorage(
-        "async+redis://",
-        implementation="redispy",
-        # limits 5.x documents `connection_pool` but types every option as float | str | bool.
-        connection_pool=broker.pool,  # type: ignore[arg-type]
-        key_prefix=KEY_PREFIX,
-    )
-    # The sliding-window scripts (every message runs three, every reply two more) ride the
-    # broker's pipelined batches instead of a pool checkout and a round trip each: a fifth of
-    # Redis mode's extra CPU per reply (docs/benchmarks.md). The bridge calls each as
-    # `await script(keys, args)`.
-    for name in BATCHED_SCRIPTS:
-        setattr(storage.bridge, name, broker.batched(getattr(storage.bridge, name)))
-    return storage
