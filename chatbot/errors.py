@@ -89,7 +89,8 @@ class Restarting(ClientError):
 class UpstreamError(ChatbotError):
     """The model service failed. `code` is a stable slug; `message` is safe to show a user.
 
-    `retryable` says whether sending the same message again later may succeed.
+    `retryable` says whether sending the same request again may succeed: the model client
+    retries only those (`llm/openai.py`, `retry_wait_s`).
     """
 
     retry_after_s: int | None = None  # when the service is known to be back

@@ -293,7 +293,7 @@ class OpenAIModel:
                 status, headers = response.status, response.headers
                 self._let_go(response, True)  # its body is never shown to anyone
                 error = cause = status_error(status, headers)
-            wait_s = retry_wait_s(status, headers, retries) if retries < self._max_retries else None
+            wait_s = retry_wait_s(error, headers, retries) if retries < self._max_retries else None
             if wait_s is None or loop.time() + wait_s >= first_token_at:
                 raise error from cause
             retries += 1
@@ -342,19 +342,15 @@ class OpenAIModel:
 
 
 def retry_wait_s(
-    status: int | None, headers: Mapping[str, str], retries_taken: int
+    error: UpstreamError, headers: Mapping[str, str], retries_taken: int
 ) -> float | None:
-    """How long to wait before retrying a request that failed with HTTP `status` (None: the
-    connection failed), or None when it must not be retried."""
-    if status is not None:
-        verdict = headers.get("x-should-retry")  # OpenAI's own hint wins, as in the SDK
-        if verdict == "false" or (
-            verdict != "true" and status not in RETRY_STATUSES and status < 500
-        ):
-            return None
-        after_s = retry_after_s(headers)
-        if after_s is not None:
-            return after_s if after_s <= MAX_RETRY_AFTER_S else None
+    """How long to wait before retrying a request that failed with `error` (its answer's
+    `headers`: none when the connection failed), or None when it must not be retried."""
+    if not error.retryable:
+        return None
+    after_s = retry_after_s(headers)
+    if after_s is not None:
+        return after_s if after_s <= MAX_RETRY_AFTER_S else None
     first, longest = BACKOFF_S
     return min(first * 2.0**retries_taken, longest) * random.uniform(0.75, 1.0)
 
@@ -412,12 +408,16 @@ def connection_error(exc: aiohttp.ClientError | TimeoutError) -> UpstreamError:
 
 def status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
     """An HTTP error answer, in words a user can read. Never echoes the service's error body;
-    never contains the API key."""
+    never contains the API key. `retryable` as the SDK decides to retry (`_should_retry`)."""
+    verdict = headers.get("x-should-retry")  # OpenAI's own hint wins, as in the SDK
+    retryable = verdict == "true" or (
+        verdict != "false" and (status in RETRY_STATUSES or status >= 500)
+    )
     if status in (401, 403):
         return UpstreamError(
             "upstream_auth",
             "The model service refused our credentials; the operator must fix the API key.",
-            retryable=False,
+            retryable=retryable,
         )
     if status == 429:
         after_s = retry_after_s(headers)
@@ -427,14 +427,18 @@ def status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
             else " Try again shortly."
         )
         return UpstreamError(
-            "upstream_rate_limited", "The model service is rate limiting us." + hint
+            "upstream_rate_limited",
+            "The model service is rate limiting us." + hint,
+            retryable=retryable,
         )
     if status >= 500:
         return UpstreamError(
-            "upstream_unavailable", f"The model service failed (HTTP {status}). Try again."
+            "upstream_unavailable",
+            f"The model service failed (HTTP {status}). Try again.",
+            retryable=retryable,
         )
     return UpstreamError(
         "upstream_rejected",
         f"The model service rejected the request (HTTP {status}).",
-        retryable=False,
+        retryable=retryable,
     )
