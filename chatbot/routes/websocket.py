@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
+from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -53,6 +54,15 @@ class HandshakeHeaders(dict[str, str]):
 
     def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
+
+
+class Ending(Enum):
+    """What ended a socket first; the values are the order `_first_to_end` awaits them in."""
+
+    EXPIRED = 0  # the sender: the feed ended, the session expired and the client was told
+    CLIENT = 1  # the receiver: the client left, or went silent past WS_IDLE_TIMEOUT_S
+    RESTART = 2  # the instance is restarting
+    SLOW_READER = 3  # the feed overflowed: the client stopped reading
 
 
 class ClientGone(Exception):
@@ -224,19 +234,19 @@ async def _serve(
                     restart,
                     feed.overflowed,
                 )
-        if ended == 0:  # the feed ended: the session expired, and the client was told
+        if ended is Ending.EXPIRED:
             await client.close(CloseCode.NORMAL, "session expired")
-        elif ended == 1 and not gone:
+        elif ended is Ending.CLIENT and not gone:
             log.info("session %s…: closing a socket silent for too long", session[:6])
             await client.close(CloseCode.POLICY_VIOLATION, "idle: send a ping")
-        elif ended == 2:
+        elif ended is Ending.RESTART:
             # What the feed holds goes first: the `done interrupted` of a reply the restart cut.
             feed.end()
             with suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await _send_all(client, feed)
             await client.close(CloseCode.SERVICE_RESTART, "service restart")
-        elif ended == 3:
+        elif ended is Ending.SLOW_READER:
             metrics.SLOW_READER_CLOSES.inc()
             log.warning("session %s…: closing a socket that stopped reading", session[:6])
             await client.close(
@@ -256,10 +266,10 @@ async def _first_to_end(
     receiver: asyncio.Task[bool],
     restart: asyncio.Future[None],
     overflow: asyncio.Future[None],
-) -> tuple[int, bool]:
+) -> tuple[Ending, bool]:
     """Run the socket's two jobs until one of them, or a restart or an overflow, ends; then
-    cancel the jobs. The index of what ended first, and whether the client had left; the
-    exception of a job that raised one.
+    cancel the jobs. What ended first, and whether the client had left; the exception of a
+    job that raised one.
 
     Two tasks per socket, and two futures for the signals (no task each): an idle socket's
     memory is mostly its tasks and queues (docs/benchmarks.md)."""
@@ -283,7 +293,7 @@ async def _first_to_end(
         and receiver.exception() is None
         and receiver.result()
     )
-    return awaited.index(first), gone
+    return Ending(awaited.index(first)), gone
 
 
 async def _send_all(client: Client, feed: Feed) -> None:
