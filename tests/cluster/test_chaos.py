@@ -164,8 +164,10 @@ class Chatter:
                 self._lose_open()
                 self.session = None
                 return False
-            if frame.get("id") == self.open and frame["code"] in ("unavailable", "busy"):
-                self.open = None  # not accepted: a new message soon
+            if frame.get("id") == self.open:  # refused: nothing was stored (docs/protocol.md)
+                if frame["code"] not in ("unavailable", "busy"):  # no other refusal is due here
+                    self.problem(f"message {self.open} refused: {frame}")
+                self.open = None  # a new message soon
                 self.quiet_until = time.monotonic() + 0.5
         return True
 
