@@ -92,8 +92,8 @@ def main() -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from chatbot import hypercorn_fixes
     from chatbot.cli import LISTEN_BACKLOG, run
+    from chatbot.patches import hypercorn as hypercorn_fixes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")

@@ -17,8 +17,9 @@ from typing import Any
 from hypercorn.config import Config
 from quart import Quart
 
-from . import broker, collector, hypercorn_fixes, logs, metrics
+from . import broker, collector, logs, metrics, patches
 from .errors import SettingsError
+from .patches import hypercorn as hypercorn_fixes
 from .settings import Settings
 
 log = logging.getLogger("chatbot")
@@ -113,6 +114,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our handler and format
     # The frame limit, deflate and ping fixes live where Hypercorn reads the bytes.
+    patches.verify()  # every patch, before the app's broker applies its own
     hypercorn_fixes.install(settings.ws_max_message_bytes, deflate=settings.ws_permessage_deflate)
     return config
 

@@ -5,7 +5,7 @@ Every collection stops the whole process, so its pause lands on every socket's n
 collection's pause grows with the objects it scans, and what a server at steady load scans is
 almost all alive: at steady N=1,000 the young collections found no garbage at all, the middle
 ones none or a few dozen objects out of 70,000-160,000 scanned in 36-96 ms of CPU each, and
-once Hypercorn's closed connections stopped being reference cycles (chatbot/hypercorn_fixes.py)
+once Hypercorn's closed connections stopped being reference cycles (chatbot/patches/hypercorn.py)
 a full collection found none either (docs/benchmarks.md, "The GC"). So:
 
 - a young collection runs every `YOUNG_THRESHOLD` net allocations, small enough that its scan

@@ -61,13 +61,13 @@ CONNECTIONS = 20
 
 async def test_a_closed_connection_leaves_no_reference_cycle_behind() -> None:
     """Hypercorn's server and protocol objects of a closed connection are freed by reference
-    counting (chatbot/hypercorn_fixes.py), not left to a full collection."""
+    counting (chatbot/patches/hypercorn.py), not left to a full collection."""
     from hypercorn.asyncio import serve
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    from chatbot import hypercorn_fixes
     from chatbot.app import create_app
     from chatbot.cli import hypercorn_config
+    from chatbot.patches import hypercorn as hypercorn_fixes
     from chatbot.settings import Settings
 
     from .support.procs import free_port

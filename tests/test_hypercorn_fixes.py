@@ -1,4 +1,4 @@
-"""The fixes to Hypercorn's WebSocket stream (chatbot/hypercorn_fixes.py), against a real server
+"""The fixes to Hypercorn's WebSocket stream (chatbot/patches/hypercorn.py), against a real server
 process: oversized frames refused on their header, deflate bombs, pongs as proof of life, and
 closed sockets released at once. Memory is counted as the process's peak RSS while the attack
 arrives, not just what is left after it."""
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from chatbot import hypercorn_fixes
+from chatbot.patches import hypercorn as hypercorn_fixes
 from chatbot.protocol import CloseCode
 
 from .support.procs import ChatbotProcess

@@ -133,21 +133,6 @@ async def test_limits_are_shared_by_instances_through_redis(
     assert codes == [200, 200, 429]
 
 
-async def test_the_in_process_sweep_of_expired_keys_runs_once_per_interval() -> None:
-    """`limits`' MemoryStorage starts a sweep of every key on every call once the last one has
-    ended; ours sweeps once per SWEEP_INTERVAL_S. The hook it replaces is private to `limits`:
-    an upgrade that renames it fails here instead of quietly sweeping per message again."""
-    from chatbot.broker.memory import paced_memory_storage
-
-    storage = paced_memory_storage()
-    await storage.incr("a", 60)
-    first = storage.timer
-    assert first is not None
-    await asyncio.wait_for(first, 5)
-    await storage.incr("b", 60)
-    assert storage.timer is first  # no second sweep within the interval
-
-
 async def test_a_reply_spends_its_tokens_and_an_overdraft_spends_exactly_the_rest(
     settings,
 ) -> None:
@@ -167,20 +152,6 @@ async def test_a_reply_spends_its_tokens_and_an_overdraft_spends_exactly_the_res
     assert await left() == 0
     await limits.charge_tokens("s", 5)  # nothing left to spend: no error either
     assert await left() == 0
-
-
-def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
-    """`RedisBroker.rate_limit_storage` routes these scripts of `limits`' Redis bridge through
-    the broker's batches; if an upgrade renames them, the rate limits would quietly go back to
-    a round trip each."""
-    from limits.aio.storage import RedisStorage
-
-    from chatbot.broker.redis import BATCHED_SCRIPTS
-
-    storage = RedisStorage("async+redis://127.0.0.1:1", implementation="redispy")
-    for name in BATCHED_SCRIPTS:
-        script = getattr(storage.bridge, name)
-        assert script.sha and script.script  # what the batches run (`EVALSHA`) and reload
 
 
 async def test_a_new_session_does_not_reset_the_address_token_budget(

@@ -19,6 +19,7 @@ from limits.aio.storage import MemoryStorage
 
 from ..errors import SessionExpired
 from ..llm.base import Message
+from ..patches.limits import paced_memory_storage
 from ..protocol import encode, new_id
 from . import base
 from .base import (
@@ -254,33 +255,3 @@ class MemoryBroker:
         now = time.monotonic()
         for task in [t for t, (deadline, _) in self._tasks.items() if deadline <= now]:
             del self._tasks[task]
-
-
-SWEEP_INTERVAL_S = 10.0  # of the in-process rate-limit storage's expired keys
-
-
-def paced_memory_storage() -> MemoryStorage:
-    """`limits`' in-process storage, with its sweep of expired keys paced.
-
-    Its every call starts a sweep of *all* keys (as soon as the previous one has ended), which
-    made the sweep O(sessions) per message: 4 % of the CPU at 700 concurrent sessions
-    (docs/benchmarks.md). Reads already drop an expired key when they meet it, so the sweep
-    only reclaims the memory of keys nobody reads again: once per SWEEP_INTERVAL_S is plenty.
-
-    The hook is replaced on the instance, not in a subclass: `limits` wraps the storage
-    methods again in every subclass (`Storage.__init_subclass__`), and each layer is another
-    coroutine per call, five calls per reply.
-    """
-    storage = MemoryStorage()
-    sweep = storage._MemoryStorage__schedule_expiry  # type: ignore[attr-defined]
-    next_sweep = 0.0
-
-    async def paced() -> None:
-        nonlocal next_sweep
-        now = time.monotonic()
-        if now >= next_sweep:
-            next_sweep = now + SWEEP_INTERVAL_S
-            await sweep()
-
-    storage._MemoryStorage__schedule_expiry = paced  # type: ignore[attr-defined]
-    return storage

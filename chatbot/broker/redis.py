@@ -53,6 +53,8 @@ from redis.exceptions import RedisError
 from .. import metrics
 from ..errors import BrokerUnavailable, EpochChanged, SessionExpired
 from ..llm.base import Message
+from ..patches.limits import batch_sliding_window_scripts
+from ..patches.redis import use_hiredis_packing
 from ..protocol import encode, new_id
 from ..settings import Settings
 from .base import (
@@ -69,7 +71,6 @@ from .base import (
     cancelling,
     take_page,
 )
-from .hiredis_packing import use_hiredis_packing
 from .redis_batches import Batcher
 from .redis_epoch import KEY as EPOCH_KEY
 from .redis_epoch import Epoch
@@ -80,8 +81,6 @@ PREFIX: Final = "chatbot"
 LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
 INSTANCES: Final = f"{PREFIX}:instances"
-# The scripts of `limits`' Redis bridge that join the batches (`rate_limit_storage`).
-BATCHED_SCRIPTS: Final = ("lua_sliding_window", "lua_acquire_sliding_window")
 SECRET: Final = f"{PREFIX}:secret"
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 REPLAY_BATCH: Final = 100  # log entries per XRANGE of a paged replay
@@ -477,9 +476,7 @@ class RedisBroker:
             connection_pool=self.pool,  # type: ignore[arg-type]
             key_prefix=key_prefix,
         )
-        # The bridge calls each as `await script(keys, args)`.
-        for name in BATCHED_SCRIPTS:
-            setattr(storage.bridge, name, self._batched_script(getattr(storage.bridge, name)))
+        batch_sliding_window_scripts(storage, self._batched_script)
         return storage
 
     def _batched_script(

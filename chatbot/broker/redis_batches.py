@@ -21,7 +21,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
 
 from ..errors import EpochChanged
-from .hiredis_packing import pack_command
+from ..patches.redis import pack_command, streams
 from .redis_epoch import TICK, Epoch
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Batcher:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             # Packed as they are: the batches make every argv themselves, with no "SCRIPT
-            # LOAD"-style command names to split (hiredis_packing.packed does that for the pool).
+            # LOAD"-style command names to split (patches.redis.packed does that for the pool).
             packed = pack_command(argv)
         except (TypeError, UnicodeError) as exc:
             done.set_exception(DataError(f"a Redis call that cannot be encoded: {exc}"))
@@ -156,7 +156,7 @@ class Batcher:
         raise AssertionError("unreachable")
 
     async def _exchange(self, conn: AbstractConnection, data: bytes, count: int) -> list[Any]:
-        reader, writer = conn._reader, conn._writer
+        reader, writer = streams(conn)
         if reader is None or writer is None:  # disconnected under us: as a lost connection
             raise ConnectionError("the batch connection is closed")
         writer.write(data)

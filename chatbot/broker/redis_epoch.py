@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import EpochChanged
+from ..patches.redis import pack_command
 from ..protocol import new_id
-from .hiredis_packing import pack_command
 
 log = logging.getLogger(__name__)
 

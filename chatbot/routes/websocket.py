@@ -25,7 +25,7 @@ from ..chat.feed import Feed
 from ..chat.limits import client_ip
 from ..chat.service import ChatService
 from ..errors import CANNOT_ACCEPT, BrokerUnavailable, ChatbotError, SessionExpired, refusal
-from ..hypercorn_fixes import ACTIVITY
+from ..patches.hypercorn import ACTIVITY
 from ..protocol import CloseCode
 from ..watchdog import Watchdog
 from .access import socket_credentials, token_ok
@@ -87,7 +87,7 @@ class Client:
 
     async def receive(self) -> str | bytes | None:
         """The next frame's text (or bytes), None for a WebSocket ping or pong from the client
-        (`hypercorn_fixes.ACTIVITY`); `ClientGone` once the client has left."""
+        (`patches.hypercorn.ACTIVITY`); `ClientGone` once the client has left."""
         while True:
             message = await self._receive()
             kind = message["type"]

@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import DataError
 
-from chatbot.broker.hiredis_packing import use_hiredis_packing
+from chatbot.patches.redis import use_hiredis_packing
 
 COMMANDS = [
     ("EVALSHA", "a" * 40, 3, "chatbot:s:1:meta", "k2", "k3", '{"t":"délta 🙂"}', 5000, 86400),

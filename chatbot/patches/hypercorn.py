@@ -25,14 +25,12 @@ Hypercorn 0.18 has no setting for any of these (docs/security.md lists the attac
 
 Each fix replaces a Hypercorn method or wsproto hook whose source was read for this; `install`
 checks those sources' fingerprints and refuses to start on a version they no longer match, so
-an upgrade cannot silently undo a fix (tests/test_hypercorn_fixes.py tells which one moved).
+an upgrade cannot silently undo a fix (tests/test_patches.py tells which one moved).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import inspect
 from typing import Any, ClassVar
 
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -43,6 +41,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, Opcode, RsvBits
+
+from . import UnsupportedUpstream, changed
 
 # What the app receives for a ping or pong from the client: proof of life, not a message.
 ACTIVITY: dict[str, Any] = {"type": "chatbot.websocket.activity"}
@@ -74,17 +74,9 @@ def _upstream() -> dict[str, Any]:
     }
 
 
-def fingerprint(function: Any) -> str:
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
-
-
 def changed_upstream() -> list[str]:
     """The upstream functions whose source no longer matches the one the fixes were written for."""
-    return [name for name, fn in _upstream().items() if fingerprint(fn) != FINGERPRINTS[name]]
-
-
-class UnsupportedUpstream(RuntimeError):
-    """Hypercorn or wsproto changed where chatbot patches them."""
+    return changed(FINGERPRINTS, _upstream)
 
 
 def install(max_message_bytes: int, *, deflate: bool) -> None:
@@ -93,7 +85,7 @@ def install(max_message_bytes: int, *, deflate: bool) -> None:
     changed = changed_upstream()
     if changed:
         raise UnsupportedUpstream(
-            "chatbot/hypercorn_fixes.py was written for hypercorn 0.18.0 and wsproto 1.3.2; "
+            "chatbot/patches/hypercorn.py was written for hypercorn 0.18.0 and wsproto 1.3.2; "
             f"these changed since: {', '.join(changed)}. Pin the old versions or review the fixes."
         )
     EdgeGuard.max_bytes, EdgeGuard.deflate = max_message_bytes, deflate
