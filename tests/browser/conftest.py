@@ -120,6 +120,7 @@ def chat_server(fake_openai: FakeOpenAIProcess) -> Iterator[ChatbotProcess]:
             # are tested elsewhere, and must not depend here on how fast the machine runs it.
             "RATE_LIMIT_IP": "100000/minute",
             "RATE_LIMIT_HANDSHAKES_IP": "100000/minute",
+            "RATE_LIMIT_NEW_SESSIONS": "100000/minute",
         }
     ).start()
     yield server
