@@ -132,7 +132,7 @@ async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) ->
     # After the app's own start-up hook: the broker and model clients it opens import most of
     # the process's modules (753 of them), and those belong to what is never scanned too.
     app.before_serving(tune_gc)
-    app.while_serving(collector.run_full_collections)
+    app.while_serving(collector.run_collections)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
