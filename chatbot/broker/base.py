@@ -6,8 +6,8 @@ pub/sub that carries live events to sockets and control messages (`stop`) to the
 owns a generation. `MemoryBroker` is the reference implementation; `RedisBroker` shares the same
 state between processes.
 
-Locally, each process fans events out to its sockets through a `Hub`: one subscription per socket,
-each a bounded queue, whatever the backend.
+Locally, each process fans events out to its sockets the same way whatever the backend
+(`LocalFanOut`): one subscription per socket, each a bounded queue.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
+from ..errors import BrokerUnavailable
 from ..llm.base import Message
 
 if TYPE_CHECKING:
@@ -166,44 +167,100 @@ def _size(item: Item) -> int:
     return len(item) if isinstance(item, str) else 0
 
 
-class Hub:
-    """This process's subscriptions, by session; dispatches each item to every local subscriber."""
+class LocalFanOut:
+    """Local fan-out, written once: this process's subscriptions by session, and the `subscribe`
+    every backend serves. A backend subclasses it and delivers what it logs or announces with
+    `_deliver`, what other instances published with `_received`.
+
+    A backend whose events also come from other instances says, in two hooks, what its remote
+    fan-out needs when a session gets its first local subscriber (`_join_remote`: start routing
+    the session's events here) and when its last one leaves (`_leave_remote`). The in-process
+    backend has no remote fan-out and keeps the defaults.
+    """
+
+    # How long a subscriber waits for its session's remote fan-out to reach this process.
+    join_timeout_s: ClassVar[float] = 5.0
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[Subscription]] = {}
+        self._local: dict[str, set[Subscription]] = {}
+        # Per session with local subscribers: the join of its remote fan-out (`_join_remote`),
+        # done once the session's events reach this process.
+        self._joins: dict[str, asyncio.Future[None]] = {}
 
-    def add(self, sub: Subscription) -> bool:
-        """Register `sub`; True when it is the first local subscriber of its session."""
-        subs = self._subscribers.setdefault(sub.session, set())
+    @asynccontextmanager
+    async def subscribe(
+        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
+    ) -> AsyncIterator[Subscription]:
+        """Live events of `session` from the moment this returns (the subscription is active).
+        `BrokerUnavailable` when its remote fan-out does not join within `join_timeout_s`."""
+        sub = Subscription(session, max_bytes)
+        subs = self._local.setdefault(session, set())
         subs.add(sub)
-        return len(subs) == 1
+        try:
+            if len(subs) == 1:
+                joining = self._join_remote(session)
+                if joining is not None:
+                    self._joins[session] = joining
+            joined = self._joins.get(session)
+            if joined is not None:
+                try:
+                    async with asyncio.timeout(self.join_timeout_s):
+                        await asyncio.shield(joined)
+                except TimeoutError:
+                    raise BrokerUnavailable("the broker did not confirm a subscription") from None
+            yield sub
+        finally:
+            subs.discard(sub)
+            if not subs:
+                del self._local[session]
+                joined = self._joins.pop(session, None)
+                if joined is not None:
+                    joined.cancel()
+                with suppress(BrokerUnavailable):  # the backend forgets it on its own (a TTL)
+                    await self._leave_remote(session)
 
-    def remove(self, sub: Subscription) -> bool:
-        """Unregister `sub`; True when it was the last local subscriber of its session."""
-        subs = self._subscribers.get(sub.session)
-        if subs is None:
-            return False
-        subs.discard(sub)
-        if subs:
-            return False
-        del self._subscribers[sub.session]
-        return True
+    def _join_remote(self, session: str) -> asyncio.Future[None] | None:
+        """`session` has its first local subscriber: start routing its events from other
+        instances here. A future done once they are (every subscriber waits for it), or None
+        when they already are or there are none."""
+        return None
 
-    def dispatch(self, session: str, item: Item) -> None:
-        for sub in self._subscribers.get(session, ()):
+    async def _leave_remote(self, session: str) -> None:
+        """The last local subscriber of `session` left: stop routing its events here (after the
+        join is cancelled, if it was still running). `BrokerUnavailable` is ignored."""
+
+    def _deliver(self, session: str, item: Item) -> None:
+        """Push `item` to every local subscriber of `session`, waiting for none."""
+        for sub in self._local.get(session, ()):
             sub.push(item)
 
-    def signal_all(self, marker: _Marker) -> None:
-        """Tell every subscriber (RESYNC after a pub/sub outage, NEW_EPOCH after data loss)."""
-        for subs in self._subscribers.values():
-            for sub in subs:
+    def _received(self, session: str, frame: str) -> None:
+        """Deliver a frame another instance published: a logged event when it has a seq, else
+        a transient frame (`announce`), passed on as it is."""
+        try:
+            data = json.loads(frame)
+        except ValueError:
+            log.error("ignored a malformed frame for session %s…", session[:6])
+            return
+        seq = data.get("seq") if isinstance(data, dict) else None
+        self._deliver(session, frame if seq is None else Event(seq, data, frame))
+
+    def _signal_local(self, marker: _Marker, sessions: Iterable[str] | None = None) -> None:
+        """Tell every local subscriber (RESYNC after a pub/sub outage, NEW_EPOCH after data
+        loss), or only those of `sessions` (a backend with several pub/sub links resyncs the
+        sessions of the one that came back)."""
+        local = self._local
+        for session in local if sessions is None else sessions:
+            for sub in local.get(session, ()):
                 sub.push(marker)
 
-    def sessions(self) -> list[str]:
-        return list(self._subscribers)
+    def _local_sessions(self) -> list[str]:
+        """The sessions with local subscribers."""
+        return list(self._local)
 
-    def __len__(self) -> int:
-        return sum(len(subs) for subs in self._subscribers.values())
+    @property
+    def local_subscriptions(self) -> int:
+        return sum(len(subs) for subs in self._local.values())
 
 
 ControlHandler = Callable[[dict[str, Any]], None]

@@ -10,8 +10,6 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +20,7 @@ from ..llm.base import Message
 from ..patches.limits import paced_memory_storage
 from ..protocol import encode, new_id
 from . import base
-from .base import (
-    GONE,
-    SUBSCRIPTION_MAX_BYTES,
-    BrokerStats,
-    ControlHandler,
-    Event,
-    Hub,
-    Lease,
-    Subscription,
-)
+from .base import GONE, BrokerStats, ControlHandler, Event, Lease, LocalFanOut
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -61,7 +50,7 @@ class _Held:
     deadline: float
 
 
-class MemoryBroker:
+class MemoryBroker(LocalFanOut):
     kind = "memory"
     shared = False  # one process's memory
 
@@ -74,6 +63,7 @@ class MemoryBroker:
         )
 
     def __init__(self, *, history_turns: int, log_max_events: int, session_ttl_s: float) -> None:
+        super().__init__()  # its sockets are all the fan-out there is
         self._history_turns = history_turns
         self._log_max = log_max_events
         self._ttl_s = session_ttl_s
@@ -82,7 +72,6 @@ class MemoryBroker:
         self._tasks: dict[str, tuple[float, dict[str, Any]]] = {}
         self._counters: dict[str, int] = {}
         self._control: dict[str, ControlHandler] = {}
-        self._hub = Hub()
         self._secret = secrets.token_bytes(32)
         self.epoch = new_id()  # this process's memory: it never loses data but with itself
 
@@ -128,7 +117,7 @@ class MemoryBroker:
             state.log = deque(maxlen=self._log_max)
         state.log.append((state.seq, frame))
         logged = Event(seq=state.seq, data=data, frame=frame)
-        self._hub.dispatch(session, logged)
+        self._deliver(session, logged)
         return logged
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
@@ -149,19 +138,8 @@ class MemoryBroker:
             return []
         return base.take_page((frame for seq, frame in state.log or () if seq > after), max_bytes)
 
-    @asynccontextmanager
-    async def subscribe(
-        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
-    ) -> AsyncIterator[Subscription]:
-        sub = Subscription(session, max_bytes)
-        self._hub.add(sub)
-        try:
-            yield sub
-        finally:
-            self._hub.remove(sub)
-
     async def announce(self, session: str, frame: dict[str, Any]) -> None:
-        self._hub.dispatch(session, encode(frame))
+        self._deliver(session, encode(frame))
 
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         handler = self._control.get(instance)

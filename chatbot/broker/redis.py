@@ -1,8 +1,8 @@
 """The Redis broker: shared sessions, a replayable event log, leases and fan-out between instances.
 
-Connection budget per process: one pub/sub connection (whatever the number of sockets; the local
-`Hub` fans out), one for the pipelined batches and a few for replays (`REDIS_MAX_CONNECTIONS` in
-all, from one blocking pool).
+Connection budget per process: one pub/sub connection (whatever the number of sockets: the local
+fan-out passes each event on to them), one for the pipelined batches and a few for replays
+(`REDIS_MAX_CONNECTIONS` in all, from one blocking pool).
 
 Fan-out: an instance delivers the events it writes to its own sockets at once, and Redis
 publishes them only to the *other* instances that have sockets on the session (its `subs` set),
@@ -40,8 +40,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
@@ -61,13 +61,11 @@ from .base import (
     GONE,
     NEW_EPOCH,
     RESYNC,
-    SUBSCRIPTION_MAX_BYTES,
     BrokerStats,
     ControlHandler,
     Event,
-    Hub,
     Lease,
-    Subscription,
+    LocalFanOut,
     cancelling,
     take_page,
 )
@@ -82,7 +80,6 @@ LEASES: Final = f"{PREFIX}:lease"
 LEASE_DUE: Final = f"{PREFIX}:lease:due"
 INSTANCES: Final = f"{PREFIX}:instances"
 SECRET: Final = f"{PREFIX}:secret"
-SUBSCRIBE_TIMEOUT_S: Final = 5.0
 REPLAY_BATCH: Final = 100  # log entries per XRANGE of a paged replay
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 2.0)  # first and longest wait between listener restarts
@@ -347,7 +344,7 @@ class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
         raise BrokerUnavailable(message) from exc
 
 
-class RedisBroker:
+class RedisBroker(LocalFanOut):
     kind = "redis"
     shared = True
 
@@ -356,6 +353,7 @@ class RedisBroker:
         return cls(settings)
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self._settings = settings
         # The rate limits' storage shares it, so it costs no extra connections.
         self.pool = aioredis.BlockingConnectionPool.from_url(
@@ -394,12 +392,9 @@ class RedisBroker:
         self._batches = Batcher(self.pool, settings.redis_timeout_s, self._epoch)
         self._batched = self._batches.script  # (script, keys, args) -> future of the reply
         self._command = self._batches.command  # (*argv) -> future of the reply
-        self._hub = Hub()
         self._instance = ""
         self._on_control: ControlHandler = lambda message: None
         self._pubsub: Any = None
-        # Per session with local sockets: its registration in the session's `subs` set.
-        self._joined: dict[str, asyncio.Future[None]] = {}
         self._listening_now: asyncio.Future[None] | None = None  # done while listening
         self._listening = False
         self._listened = False  # has listened at least once
@@ -458,7 +453,7 @@ class RedisBroker:
             "canary_age_s": canary_age_s,
             "reconnects": self.reconnects,
             "epoch": self._epoch.id,
-            "local_subscriptions": len(self._hub),
+            "local_subscriptions": self.local_subscriptions,
         }
 
     def stats(self) -> BrokerStats:
@@ -549,7 +544,8 @@ class RedisBroker:
             kind, channel = message["type"], message["channel"]
             if kind == "message":
                 if channel == events:
-                    self._dispatch(message["data"])
+                    session, _, frame = message["data"].partition(" ")
+                    self._received(session, frame)
                 else:
                     self._control(message["data"])
             elif kind == "subscribe" and channel == control:
@@ -562,24 +558,13 @@ class RedisBroker:
             log.info("redis pub/sub listener back; resyncing local sockets")
             # A Redis that restarted lost the `subs` sets: join every local session again. If
             # that fails, so does this attempt (BrokerUnavailable): the sockets are not live yet.
-            await asyncio.gather(*(self._join(session) for session in self._hub.sessions()))
+            await asyncio.gather(*(self._join(session) for session in self._local_sessions()))
         self._listened = self._listening = True
         self._backoff_s = RECONNECT_BACKOFF_S[0]
         self._last_canary = time.monotonic()
         if self._listening_now is not None and not self._listening_now.done():
             self._listening_now.set_result(None)
-        self._hub.signal_all(RESYNC)
-
-    def _dispatch(self, message: str) -> None:
-        session, _, frame = message.partition(" ")
-        try:
-            data = json.loads(frame)
-        except ValueError:
-            log.error("ignored a malformed frame for session %s…", session[:6])
-            return
-        # Logged events carry a seq; transient frames (announce) are passed on as they are.
-        seq = data.get("seq") if isinstance(data, dict) else None
-        self._hub.dispatch(session, frame if seq is None else Event(seq, data, frame))
+        self._signal_local(RESYNC)
 
     def _control(self, raw: str) -> None:
         try:
@@ -611,7 +596,7 @@ class RedisBroker:
     def _epoch_changed(self, epoch: str) -> None:
         """Redis lost data: every local socket starts over (resync or `session_expired`), and
         every reply this instance generates ends (`interrupted`)."""
-        self._hub.signal_all(NEW_EPOCH)
+        self._signal_local(NEW_EPOCH)
         self._secret = None  # a Redis that lost data lost it too
         self._on_control({"epoch": epoch})
 
@@ -690,7 +675,7 @@ class RedisBroker:
         """The event Redis logged as `seq`, delivered to this instance's sockets."""
         frame = args[0] + str(seq) + args[1]
         logged = Event(seq=seq, data={"type": event["type"], "seq": seq, **event}, frame=frame)
-        self._hub.dispatch(session, logged)
+        self._deliver(session, logged)
         return logged
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
@@ -727,27 +712,17 @@ class RedisBroker:
                     return events
                 after = page[-1].seq
 
-    @asynccontextmanager
-    async def subscribe(
-        self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
-    ) -> AsyncIterator[Subscription]:
-        sub = Subscription(session, max_bytes)
-        if self._hub.add(sub):
-            self._joined[session] = asyncio.ensure_future(self._join_when_listening(session))
-        joined = self._joined[session]
-        try:
-            try:
-                async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-                    await asyncio.shield(joined)
-            except TimeoutError:
-                raise BrokerUnavailable("redis did not confirm a subscription") from None
-            yield sub
-        finally:
-            if self._hub.remove(sub):
-                self._joined.pop(session, None)
-                joined.cancel()
-                with suppress(BrokerUnavailable):  # else the set's TTL forgets this instance
-                    await self._leave(session)
+    # Fan-out to this instance's sockets (LocalFanOut): a session with local sockets is in its
+    # `subs` set, so its writers publish to this instance's events channel.
+
+    def _join_remote(self, session: str) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._join_when_listening(session))
+
+    async def _leave_remote(self, session: str) -> None:
+        # If this fails the set's TTL forgets this instance.
+        *_, subs = _session_keys(session)
+        with _unavailable("unsubscribing from a session"):
+            await self._command("SREM", subs, self._instance)
 
     async def _join_when_listening(self, session: str) -> None:
         # Live once both hold: this instance hears its events channel, and the session's writers
@@ -763,17 +738,12 @@ class RedisBroker:
             args = [self._instance, self._settings.session_ttl_s]
             await self._batched(self._join_script, (subs,), args)
 
-    async def _leave(self, session: str) -> None:
-        *_, subs = _session_keys(session)
-        with _unavailable("unsubscribing from a session"):
-            await self._command("SREM", subs, self._instance)
-
     async def announce(self, session: str, frame: dict[str, Any]) -> None:
         *_, subs = _session_keys(session)
         text = encode(frame)
         with _unavailable("announcing to a session"):
             await self._batched(self._announce, (subs,), [text, self._instance, session])
-        self._hub.dispatch(session, text)
+        self._deliver(session, text)
 
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         with _unavailable("sending a control message"):

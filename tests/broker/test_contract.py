@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from chatbot.broker import Broker, Event, Lease
 from chatbot.protocol import delta_event, done_event, user_event
 
@@ -92,6 +94,20 @@ async def test_subscribers_get_live_events_of_their_session_only(broker: Broker)
         appended = await broker.append("s", user_event("m", "hello"))
         assert (await next_event(one)).frame == appended.frame
         assert (await next_event(two)).frame == appended.frame
+
+
+async def test_a_subscription_ended_by_an_error_is_gone_and_its_session_can_be_joined_again(
+    broker: Broker,
+) -> None:
+    await broker.create_session("s")
+    with pytest.raises(LookupError):
+        async with broker.subscribe("s") as gone:
+            raise LookupError
+    await broker.append("s", delta_event("m", "after it left"))
+    assert gone.backlog_bytes == 0
+    async with broker.subscribe("s") as again:
+        later = await broker.append("s", delta_event("m", "to the new one"))
+        assert (await next_event(again)).frame == later.frame
 
 
 async def test_finish_appends_only_while_the_lease_holds(broker: Broker) -> None:

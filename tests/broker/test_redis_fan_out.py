@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from chatbot.broker import Broker, Event, open_broker
@@ -73,6 +74,18 @@ async def test_events_reach_sockets_on_every_instance_once_and_in_order(
 
 async def _no_members(server: RedisProcess, session: str) -> bool:
     return not await _members(server, session)
+
+
+async def test_an_instance_leaves_a_session_when_its_last_subscriber_ends_by_an_error(
+    redis_server: RedisProcess,
+) -> None:
+    async with instances(redis_server, "inst-a") as (a,):
+        await a.create_session("s")
+        with pytest.raises(LookupError):
+            async with a.subscribe("s"), a.subscribe("s"):
+                assert await _members(redis_server, "s") == {"inst-a"}
+                raise LookupError
+        await wait_until(lambda: _no_members(redis_server, "s"))
 
 
 async def test_a_session_only_the_writer_serves_costs_no_pub_sub_traffic(
