@@ -7,7 +7,11 @@ Modes:
 - ``ws``: each session connects to ``/ws``, waits for ``ready``, sends ``--messages`` messages one
   after the other (the next when the previous reply's ``done`` arrives) and checks every frame:
   ``seq`` contiguous, no ``error``, ``done`` with reason ``stop``, and the reply text equal to the
-  fake upstream's ``reply_text(prompt, chunks)``.
+  fake upstream's ``reply_text(prompt, chunks)``. With ``--follow-url`` (another instance), each
+  session also opens a second socket there on the same session (``?session=ID``) before its
+  first message, and checks every reply it receives the same way: every event then crosses
+  from the instance that writes it to the other one (Redis pub/sub). A session ends when both
+  sockets have had every reply.
 - ``http``: ``POST /chat`` with ``{"message": ...}`` and checks ``{"response": ...}``.
 - ``upstream``: streams a chat completion straight from the fake OpenAI server over raw HTTP/1.1
   (h11), to know the upstream's own latency under the same client.
@@ -35,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import connect
@@ -73,6 +77,7 @@ class Config:
     connect_concurrency: int
     hold_s: float
     sessions_per_ip: int
+    follow_url: str | None = None
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Results:
     sockets: int = 0  # WebSocket handshakes completed
     deflated: int = 0  # of which negotiated permessage-deflate
     deltas: int = 0  # `delta` frames of the replies that checked out (ws mode)
+    followed: int = 0  # replies that checked out on the follower sockets (--follow-url)
 
     def handshake(self, extensions: str | None) -> None:
         """A handshake completed; `extensions` is the response's Sec-WebSocket-Extensions."""
@@ -128,18 +134,20 @@ def source_address(cfg: Config, index: int) -> str:
 async def ws_session(cfg: Config, index: int, t_start: float, res: Results) -> None:
     await asyncio.sleep(max(0.0, t_start + cfg.spread_s * index / cfg.n - time.perf_counter()))
     t0 = time.perf_counter()
-    loop = asyncio.get_running_loop()
     session: Conversation | None = None
+    follower: Follower | None = None
     try:
         async with asyncio.timeout(cfg.deadline_s - (t0 - t_start)):
-            url = urlsplit(cfg.url)
-            _, session = await loop.create_connection(
-                lambda: Conversation(cfg, index, t0, res),
-                url.hostname,
-                url.port,
-                local_addr=(source_address(cfg, index), 0),
-            )
+            session = await _open(cfg, cfg.url, Conversation(cfg, index, t0, res))
+            if cfg.follow_url is not None:
+                await session.ready
+                url = f"{cfg.follow_url}?session={session.session}"
+                follower = await _open(cfg, url, Follower(cfg, index, t0, res, url))
+                await follower.ready
+            session.start()
             await session.finished
+            if follower is not None:
+                await follower.finished
     except SessionError as exc:
         res.fail(exc.kind, str(exc))
     except TimeoutError:
@@ -149,8 +157,21 @@ async def ws_session(cfg: Config, index: int, t_start: float, res: Results) -> N
     except (OSError, InvalidHandshake) as exc:
         res.fail("connect", f"session {index}: {exc!r}")
     finally:
-        if session is not None:
-            await session.close()
+        for conversation in (session, follower):
+            if conversation is not None:
+                await conversation.close()
+
+
+async def _open(cfg: Config, url: str, conversation: C) -> C:
+    parts = urlsplit(url)
+    loop = asyncio.get_running_loop()
+    await loop.create_connection(
+        lambda: conversation,
+        parts.hostname,
+        parts.port,
+        local_addr=(source_address(cfg, conversation.index), 0),
+    )
+    return conversation
 
 
 class Conversation(asyncio.Protocol):
@@ -164,12 +185,20 @@ class Conversation(asyncio.Protocol):
     ``done`` arrives; `finished` resolves when the last reply checked out (or with the
     `SessionError` of the first frame that broke the contract)."""
 
-    def __init__(self, cfg: Config, index: int, t0: float, res: Results) -> None:
+    measured = True  # its replies are the run's samples and delta counts
+
+    def __init__(
+        self, cfg: Config, index: int, t0: float, res: Results, url: str | None = None
+    ) -> None:
         self.cfg, self.index, self.t0, self.res = cfg, index, t0, res
         extensions = enable_client_permessage_deflate(None) if cfg.compression else None
-        self.ws = ClientProtocol(parse_uri(cfg.url), extensions=extensions, max_size=None)
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        uri = parse_uri(url or cfg.url)
+        self.ws = ClientProtocol(uri, extensions=extensions, max_size=None)
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()  # `ready` came
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.session = ""  # the session `ready` named
         self.transport: asyncio.Transport | None = None
         self.open = False
         self.seq = -1  # the last seq seen; -1 until `ready`
@@ -228,8 +257,11 @@ class Conversation(asyncio.Protocol):
         if self.seq < 0:
             if kind != "ready":
                 raise SessionError("protocol", f"expected ready, got {event}")
-            self.seq = event["seq"]
-            return self._next()
+            self.seq, self.session = event["seq"], event["session"]
+            self.ready.set_result(None)
+            if self.cfg.follow_url is None:
+                self._next()
+            return
         if kind == "error":
             raise SessionError(f"error_{event.get('code')}", event.get("message", ""))
         if kind == "queued":  # admission control: served later (transient, no seq)
@@ -241,7 +273,7 @@ class Conversation(asyncio.Protocol):
             if not self.parts:
                 self.t_first = time.perf_counter()
             self.parts.append(event["text"])
-            self.res.deltas += 1
+            self.res.deltas += self.measured
         elif kind == "done":
             if event.get("reason") != "stop":
                 raise SessionError("done_reason", str(event))
@@ -261,6 +293,12 @@ class Conversation(asyncio.Protocol):
         res.reply_done()
         self._next()
 
+    def start(self) -> None:
+        """Send the first message (with --follow-url, once the follower is ready too)."""
+        if self.k < 0:
+            self._next()
+            self._flush()
+
     def _next(self) -> None:
         self.k += 1
         if self.k == self.cfg.messages:
@@ -273,12 +311,14 @@ class Conversation(asyncio.Protocol):
         self.ws.send_text(json.dumps(message).encode())
 
     def _end(self, exc: BaseException | None) -> None:
-        if self.finished.done():
-            return
-        if exc is None:
-            self.finished.set_result(None)
-        else:
-            self.finished.set_exception(exc)
+        for future in (self.ready, self.finished):
+            if future.done():
+                continue
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+                future.exception()  # awaited, it raises; not awaited, asyncio need not warn
 
     def _flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -301,6 +341,34 @@ class Conversation(asyncio.Protocol):
                 async with asyncio.timeout(2):
                     await asyncio.shield(self.lost)
         self.transport.abort()
+
+
+class Follower(Conversation):
+    """The second socket of a session (--follow-url): sends nothing, and checks every reply the
+    session's `Conversation` asks for as that one does (contiguous seqs, the exact text)."""
+
+    measured = False
+
+    def _frame(self, frame: Any) -> None:
+        super()._frame(frame)
+        if self.k < 0 and self.seq >= 0:  # `ready`: the first reply is the one to expect
+            self._expect(0)
+
+    def _reply_done(self) -> None:
+        text = "".join(self.parts)
+        if text != self.expected:
+            raise SessionError("text", f"followed {text[:80]!r} != {self.expected[:80]!r}")
+        self.res.followed += 1
+        if self.k + 1 == self.cfg.messages:
+            return self._end(None)
+        self._expect(self.k + 1)
+
+    def _expect(self, k: int) -> None:
+        self.k, self.parts = k, []
+        self.expected = reply_text(prompt_for(self.cfg.offset + self.index, k), self.cfg.chunks)
+
+
+C = TypeVar("C", bound=Conversation)
 
 
 # -- raw HTTP/1.1: POST /chat and the bare upstream --------------------------------------------
@@ -593,6 +661,7 @@ async def run(cfg: Config, sync: bool) -> dict[str, Any]:
         "sockets": res.sockets,
         "deflated": res.deflated,
         "deltas": res.deltas,
+        "followed": res.followed,
         "errors": dict(res.errors),
         "error_examples": res.examples,
         "wall_s": (res.last_end or time.perf_counter()) - t_start,
@@ -637,6 +706,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect-concurrency", type=int, default=200, help="idle mode")
     parser.add_argument("--hold-s", type=float, default=60.0, help="idle mode: longest hold")
     parser.add_argument("--sessions-per-ip", type=int, default=10, help="see source_address")
+    parser.add_argument(
+        "--follow-url", help="ws mode: each session's second socket, on another instance"
+    )
     parser.add_argument("--sync", action="store_true", help="print ready, wait for go on stdin")
     parser.add_argument("--out", help="write the JSON result here (default: stdout)")
     args = parser.parse_args(argv)
@@ -655,6 +727,7 @@ def main(argv: list[str] | None = None) -> None:
         connect_concurrency=args.connect_concurrency,
         hold_s=args.hold_s,
         sessions_per_ip=args.sessions_per_ip,
+        follow_url=args.follow_url,
     )
     raise_nofile()
     import uvloop

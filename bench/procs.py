@@ -128,6 +128,31 @@ class Server:
         return Usage.of_tree(self.pid)
 
 
+class Servers:
+    """Several servers measured as one (bench.run's pair systems): their usage added up."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+        self.name = "+".join(server.name for server in servers)
+
+    @property
+    def pid(self) -> int:
+        return self.servers[0].pid
+
+    def usage(self) -> Usage:
+        parts = [server.usage() for server in self.servers]
+        return Usage(
+            cpu_s=sum(u.cpu_s for u in parts),
+            peak_rss=sum(u.peak_rss for u in parts),
+            rss=sum(u.rss for u in parts),
+            processes=sum(u.processes for u in parts),
+        )
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
 @dataclass(frozen=True)
 class Usage:
     """CPU seconds (user+system, live children included, reaped ones via cutime/cstime), the

@@ -52,6 +52,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     counts = ("replies_ok", "replies_expected", "opened", "sockets", "deflated", "deltas")
     for key in (*counts, "client_cpu_s"):
         merged[key] = sum(r[key] for r in results)
+    merged["followed"] = sum(r.get("followed", 0) for r in results)
     merged["n"] = sum(r["n"] for r in results)
     merged["wall_s"] = max(r["wall_s"] for r in results)
     errors: dict[str, int] = {}
@@ -104,6 +105,7 @@ def summarize(
         if "window_s" in usage
         else None,
         opened=raw.get("opened", 0),
+        followed=raw.get("followed", 0),  # replies seen whole on a session's second socket
         # Frames per reply: fewer than the upstream's chunks when pieces were coalesced.
         deltas_per_reply=raw["deltas"] / replies if replies and scenario["mode"] == "ws" else None,
         negotiated=_negotiated(raw),

@@ -18,6 +18,12 @@ them: ``chatbot-https`` (the upstream over https with a throwaway self-signed ce
 trusted through SSL_CERT_FILE; the pool stays warm), ``chatbot-https-cold`` (the same upstream
 answering `Connection: close`, so every reply opens a TCP + TLS connection) and ``chatbot-2w``
 (``--workers 2`` with Redis, not pinned: its workers share both cores with the load generator).
+Past one Redis (`bench/redis_budget.py`, docs/scaling.md): ``chatbot-pair-redis`` is two
+instances (both on the server's CPU) against a fresh redis-server, each session with a socket on
+each instance, so every event is published from the instance that writes it to the other;
+``chatbot-pair-cluster`` is the same against a fresh Redis Cluster of 3 masters with a replica
+each. Their rows carry what Redis did meanwhile, by its own accounting: calls by command,
+publishes, bytes, memory, and each master's CPU seconds (redis-servers are not pinned).
 
     python -m bench.run --only chatbot:steady:1000 --only chatbot-https:steady:100
 
@@ -53,7 +59,8 @@ from typing import Any
 from chatbot.fake_openai import self_signed_certificate
 
 from . import procs
-from .procs import ROOT, Server, Usage, free_port, machine_busy_s, python
+from .procs import ROOT, Server, Servers, Usage, free_port, machine_busy_s, python
+from .redis_budget import PAIRS, Store, snapshot, start_store, window
 from .report import (
     Report,
     holds,
@@ -122,6 +129,7 @@ class Bench:
         self.redis_ok = self._redis_available()
         self.digest = source_digest()
         self.profile: tuple[Path, int, int] | None = None  # (raw output, seconds, rate)
+        self.store: Store | None = None  # the fresh Redis of a pair system's scenario
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -171,7 +179,9 @@ class Bench:
         with urllib.request.urlopen(request, timeout=5, context=context) as reply:
             return json.loads(reply.read())
 
-    def server(self, system: str, fake: Server, port: int, deflate: bool = False) -> Server | None:
+    def server(
+        self, system: str, fake: Server, port: int, deflate: bool = False, port_b: int = 0
+    ) -> Server | Servers | None:
         scheme = "https" if system in HTTPS else "http"
         upstream = {
             "OPENAI_BASE_URL": f"{scheme}://127.0.0.1:{fake.port}/v1",
@@ -194,6 +204,15 @@ class Bench:
                 env["REDIS_URL"] = f"redis://127.0.0.1:6379/{REDIS_DB}"
                 self._flush_redis()
             argv = [python(), "-m", "chatbot", "serve"]
+            if system in PAIRS:
+                assert self.store is not None
+                env["REDIS_URL"] = self.store.url
+                pair = []
+                for name, p in ((f"{system}-a", port), (f"{system}-b", port_b)):
+                    pair.append(
+                        Server(name, argv, env={**env, "PORT": str(p)}, **{**common, "port": p})
+                    )
+                return Servers([server.start() for server in pair])
             if system in WORKERS:  # every core: not pinned to the server's one
                 argv += ["--workers", str(WORKERS[system])]
                 common["cpus"] = None
@@ -300,14 +319,24 @@ class Bench:
             "idle": f"ws://127.0.0.1:{port}/ws",
         }[sc.mode]
         clients = max(1, min(self.args.clients, sc.n))
+        # A pair system: half the sessions send on each instance and follow on the other.
+        port_b = free_port() if sc.system in PAIRS else 0
+        pair = (url, f"ws://127.0.0.1:{port_b}/ws") if port_b else None
+        if pair:
+            clients = max(2, clients + clients % 2)
         share = [sc.n // clients + (1 if i < sc.n % clients else 0) for i in range(clients)]
         procs, outs = [], []
-        server: Server | None = None
+        server: Server | Servers | None = None
         usage: dict[str, Any] = {}
         try:
+            if sc.system in PAIRS:
+                self.store = start_store(PAIRS[sc.system])
             for i, n in enumerate(share):
                 out = self.run_dir / f"loadgen-{len(self.rows)}-{i}.json"
-                argv = [python(), "-m", "bench.loadgen", "--mode", sc.mode, "--url", url]
+                target = pair[i % 2] if pair else url
+                argv = [python(), "-m", "bench.loadgen", "--mode", sc.mode, "--url", target]
+                if pair:
+                    argv += ["--follow-url", pair[(i + 1) % 2]]
                 argv += ["--n", str(n), "--offset", str(sum(share[:i]))]
                 argv += ["--messages", str(sc.messages), "--spread-s", str(spread)]
                 argv += ["--chunks", str(shape[1]), "--deadline-s", str(deadline)]
@@ -315,17 +344,19 @@ class Bench:
                 argv += ["--sessions-per-ip", str(self.args.sessions_per_ip)]
                 procs.append(_spawn_client(argv, self.client_cpus, self.run_dir))
                 outs.append(out)
-            server = self.server(sc.system, fake, port, sc.server_deflate)
+            server = self.server(sc.system, fake, port, sc.server_deflate, port_b)
             for proc in procs:
                 _expect(proc, "loaded", 60)
                 _say(proc, "warm")
             for proc in procs:
                 _expect(proc, "ready", 60)
             before = server.usage() if server else None
-            gc_before = _gc_stats(port) if sc.system.startswith("chatbot") else None
+            chatbot = sc.system.startswith("chatbot") and sc.system not in PAIRS
+            gc_before = _gc_stats(port) if chatbot else None
             connections_before = self.fake_call(fake, "/_fake/stats")["connections_accepted"]
             fake_before = fake.usage()
             redis_before = self._redis_usage() if sc.system == "chatbot-redis" else None
+            store_before = snapshot(self.store) if self.store else None
             busy_before, window_start = machine_busy_s(), time.monotonic()
             for proc in procs:
                 _say(proc, "go")
@@ -356,6 +387,8 @@ class Bench:
             if spy is not None:
                 spy.wait(timeout=60)
             redis_after = self._redis_usage() if redis_before is not None else None
+            if self.store is not None and store_before is not None:
+                usage.update(window(store_before, snapshot(self.store)))
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -363,6 +396,9 @@ class Bench:
                     proc.wait(timeout=10)
             if server is not None:
                 server.stop()
+            if self.store is not None:
+                self.store.stop()
+                self.store = None
         results = []
         for proc, out in zip(procs, outs, strict=True):
             if proc.returncode != 0 or not out.exists():
@@ -377,7 +413,8 @@ class Bench:
         if redis_before is not None and redis_after is not None:
             usage["redis_cpu_s"] = redis_after.cpu_s - redis_before.cpu_s
         raw = merge(results)
-        ours = sum(usage.get(k, 0.0) for k in ("server_cpu_s", "fake_cpu_s", "redis_cpu_s"))
+        mine = ("server_cpu_s", "fake_cpu_s", "redis_cpu_s", "redis_replica_cpu_s")
+        ours = sum(usage.get(k, 0.0) for k in mine)
         usage["other_cpu_s"] = max(0.0, busy - ours - raw["client_cpu_s"])
         return raw, usage
 
@@ -556,6 +593,13 @@ def _line(row: dict[str, Any]) -> str:
         f"client {row['client_cpu_pct']:.0f}%" if row.get("client_cpu_pct") else "",
         f"other {row['other_cpu_pct']:.0f}%" if row.get("other_cpu_pct") is not None else "",
         f"deflate {row['negotiated']}" if row.get("negotiated") else "",
+        f"followed {row.get('followed')}" if row.get("followed") else "",
+        f"redis cpu {1e3 * row['redis_cpu_s'] / row['replies_ok']:.2f}ms/reply"
+        if row.get("redis_cpu_s") and row["replies_ok"]
+        else "",
+        f"{row['redis_publishes'] / row['wall_s']:.0f} publishes/s"
+        if row.get("redis_publishes") and row["wall_s"]
+        else "",
         "HOLDS" if row["holds"] else "",
     ]
     return " | ".join(p for p in parts if p)
