@@ -1,11 +1,11 @@
-"""CPU per reply of the model client alone: `OpenAIModel.stream` against the fake upstream.
+"""CPU per reply of the model client alone: `open_model(...).stream` against the fake upstream.
 
     python -m bench.upstream_cpu [--replies 2000] [--concurrency 200] [--chunks 20]
 
 The fake runs in its own process (on the other CPU when there are two), so the process time
 measured here is the client's: building and sending the request, reading and parsing the
 server-sent events, the deadlines. It isolates the largest cost of a relayed reply (see
-docs/benchmarks.md) so a change to `chatbot/llm/openai.py` can be judged in seconds.
+docs/benchmarks.md) so a change to `chatbot/llm/` can be judged in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from chatbot.cli import run
-from chatbot.llm.openai import OpenAIModel
+from chatbot.llm import open_model
 from chatbot.settings import Settings
 
 from .procs import Server, free_port, python
@@ -26,7 +26,7 @@ from .procs import Server, free_port, python
 
 async def _measure(args: argparse.Namespace, base_url: str) -> None:
     settings = Settings.from_env({"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "sk-bench"})
-    model = OpenAIModel(settings)
+    model = open_model(settings)
     history = [{"role": "user", "content": "Hello there, how are you?"}] * args.history
     gate = asyncio.Semaphore(args.concurrency)
 

@@ -89,17 +89,29 @@ class Restarting(ClientError):
 class UpstreamError(ChatbotError):
     """The model service failed. `code` is a stable slug; `message` is safe to show a user.
 
-    `retryable` says whether sending the same request again may succeed: the model client
-    retries only those (`llm/openai.py`, `retry_wait_s`).
+    A provider says what it knows of a failed request; the resilience layer decides what to do
+    with it (`llm/resilient.py`): `retryable`, whether sending the same request again may
+    succeed (only those are retried); `retry_in_s`, how long the service asked us to wait
+    before that (its `Retry-After`); `status`, the HTTP status it answered with, for the log.
     """
 
-    retry_after_s: int | None = None  # when the service is known to be back
+    retry_after_s: int | None = None  # told to the client: when the service is known to be back
 
-    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = True,
+        retry_in_s: float | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.retry_in_s = retry_in_s
+        self.status = status
 
 
 class CircuitOpen(UpstreamError):

@@ -18,7 +18,7 @@ import pytest
 from quart import Quart
 
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
-from chatbot.llm.openai import OpenAIModel
+from chatbot.llm import open_model
 from chatbot.settings import Settings
 
 from .conftest import API_KEY, Socket, text_of
@@ -160,7 +160,7 @@ async def test_idle_deadline_counts_only_the_wait_for_the_service(
 ) -> None:
     """A consumer slower than the idle deadline (a broker riding out an outage) is not the
     service stalling: the reply goes on, whole."""
-    model = OpenAIModel(settings.replace(upstream_idle_timeout_s=0.2))
+    model = open_model(settings.replace(upstream_idle_timeout_s=0.2))
     try:
         pieces = []
         async with asyncio.timeout(10), model.stream([{"role": "user", "content": "slow"}]) as r:
@@ -334,7 +334,7 @@ async def test_requests_go_through_the_proxy_the_environment_names(
     monkeypatch.setenv("HTTP_PROXY", fake.base_url.removesuffix("/v1"))
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    model = OpenAIModel(settings.replace(openai_base_url="http://model.invalid/v1"))
+    model = open_model(settings.replace(openai_base_url="http://model.invalid/v1"))
     try:
         async with asyncio.timeout(10), model.stream([{"role": "user", "content": "hi"}]) as r:
             assert "".join([piece async for piece in r]) == reply_text("hi", 5)
@@ -361,7 +361,7 @@ async def test_pieces_that_arrive_together_are_one(settings) -> None:
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    model = OpenAIModel(settings.replace(openai_base_url=f"http://127.0.0.1:{port}/v1"))
+    model = open_model(settings.replace(openai_base_url=f"http://127.0.0.1:{port}/v1"))
     try:
         async with asyncio.timeout(10), model.stream([{"role": "user", "content": "hi"}]) as r:
             assert [piece async for piece in r] == ["One two three"]

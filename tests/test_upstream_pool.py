@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from chatbot.fake_openai import FakeOpenAI, reply_text, self_signed_certificate, tls_context
-from chatbot.llm.openai import OpenAIModel
+from chatbot.llm import open_model
+from chatbot.llm.openai import OpenAIProvider
+from chatbot.llm.resilient import ResilientModel
 from chatbot.settings import Settings
 
 from .conftest import API_KEY, AppFactory, ready_sockets, text_of
@@ -55,23 +57,29 @@ def settings_for(fake: FakeOpenAI) -> Settings:
     return Settings(openai_base_url=fake.base_url, openai_api_key=API_KEY, openai_model="m")
 
 
-async def settled(model: OpenAIModel) -> None:
+def finishing(model: ResilientModel) -> int:
+    """The OpenAI provider's finished replies whose connection waits for its body's end."""
+    assert isinstance(model.provider, OpenAIProvider)
+    return model.provider.finishing
+
+
+async def settled(model: ResilientModel) -> None:
     """Until every finished reply's connection is pooled: a user's next message comes well
     after the body's end, which is milliseconds behind [DONE]."""
 
     async def check() -> bool:
-        return model.finishing == 0
+        return finishing(model) == 0
 
     await wait_until(check, timeout_s=10)
 
 
-async def one_reply(model: OpenAIModel, prompt: str) -> str:
+async def one_reply(model: ResilientModel, prompt: str) -> str:
     async with asyncio.timeout(10), model.stream([{"role": "user", "content": prompt}]) as r:
         return "".join([piece async for piece in r])
 
 
 async def test_sequential_replies_ride_one_connection(upstream: FakeOpenAI) -> None:
-    model = OpenAIModel(settings_for(upstream))
+    model = open_model(settings_for(upstream))
     try:
         for k in range(N):
             assert await one_reply(model, f"q{k}") == reply_text(f"q{k}", 5)
@@ -83,7 +91,7 @@ async def test_sequential_replies_ride_one_connection(upstream: FakeOpenAI) -> N
 
 
 async def test_concurrent_replies_open_one_connection_each_once(upstream: FakeOpenAI) -> None:
-    model = OpenAIModel(settings_for(upstream))
+    model = open_model(settings_for(upstream))
     try:
         for round_ in range(ROUNDS):
             prompts = [f"r{round_}q{k}" for k in range(N)]
@@ -100,12 +108,12 @@ async def test_a_body_that_never_ends_is_closed_not_pooled(upstream: FakeOpenAI)
     """The wait for the body's end is bounded: the connection is closed after it, and the next
     reply opens a new one."""
     upstream.configure(end_apart_ms=60_000)
-    model = OpenAIModel(settings_for(upstream))
+    model = open_model(settings_for(upstream))
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("chatbot.llm.openai.BODY_END_WAIT_S", 0.2)
             assert await one_reply(model, "a") == reply_text("a", 5)
-            assert model.finishing == 1
+            assert finishing(model) == 1
             await settled(model)
         record = await upstream.wait_request(1, ended=True, timeout_s=10)
         assert record["status"] == "aborted"  # the client hung up
@@ -120,7 +128,7 @@ async def test_an_upstream_that_closes_its_connections_costs_one_per_reply(
 ) -> None:
     """The cold pool `bench.run` compares against: `Connection: close` from the server."""
     upstream.configure(close=True)
-    model = OpenAIModel(settings_for(upstream))
+    model = open_model(settings_for(upstream))
     try:
         for k in range(3):
             assert await one_reply(model, f"c{k}") == reply_text(f"c{k}", 5)

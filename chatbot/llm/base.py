@@ -1,9 +1,11 @@
-"""What the conversation logic needs of a language model: a cancellable stream of text."""
+"""What the conversation logic needs of a language model (`ChatModel`: a cancellable stream of
+text), and what a provider gives the resilience layer that makes one (`Provider`)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Protocol, TypedDict
 
 from .breaker import BreakerStatus
@@ -56,7 +58,8 @@ class Reply(Protocol):
     Iteration raises `UpstreamError` when the model service fails.
     """
 
-    finish_reason: str | None
+    @property
+    def finish_reason(self) -> str | None: ...
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 
@@ -70,5 +73,68 @@ class ChatModel(Protocol):
 
     def upstream_status(self) -> BreakerStatus:
         """How this process sees the model service (its circuit breaker), for `/readyz`."""
+
+    async def close(self) -> None: ...
+
+
+# A provider: one model service's wire format, and nothing else. The resilience layer
+# (`resilient.py`) wraps any provider with the retries, the deadlines and the circuit breaker,
+# and is the `ChatModel` the rest of the service sees.
+
+
+class Deadlines(Protocol):
+    """The reply's deadlines, as a provider's stream reports to them. The clock runs while the
+    stream waits on the service (the first-token deadline, then the idle one) and stops while
+    the caller holds a piece; a missed deadline cancels the waiting stream, and leaving the
+    `with` block turns that cancellation into an `UpstreamError` (`upstream_timeout`).
+
+        with deadlines:
+            while data := await read():
+                ...
+                deadlines.arrived()
+                yield text
+                deadlines.waiting()
+    """
+
+    def arrived(self) -> None:
+        """A piece came: the clock stops (the first piece tells the breaker the service is up)."""
+
+    def waiting(self) -> None:
+        """The caller wants the next piece: the idle deadline runs from now."""
+
+    def __enter__(self) -> None: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Stream(Protocol):
+    """One reply a provider has started: the service answered and is sending it."""
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the service ended the reply (`stop`, `length`), once it has."""
+
+    def pieces(self, deadlines: Deadlines) -> AsyncIterator[str]:
+        """The reply's text pieces as they arrive, never empty, reported to `deadlines`. Raises
+        `UpstreamError` when the service fails mid-reply (never retried: words were seen)."""
+
+    async def close(self) -> None:
+        """Let go of the reply, finished or not; an unfinished one stops the service's work."""
+
+
+class Provider(Protocol):
+    """Opens one streamed reply of a model service and classifies its failures."""
+
+    name: str  # the model, as `ready` frames and `/readyz` name it
+    demo: bool  # the offline stand-in, not a model service
+
+    async def open(self, messages: Sequence[Message]) -> Stream:
+        """Send one request. Raises `UpstreamError`, with `retryable`, `retry_in_s` and `status`
+        as the service's answer says; never retries itself."""
 
     async def close(self) -> None: ...

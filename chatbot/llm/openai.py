@@ -1,4 +1,5 @@
-"""Streaming chat completions from OpenAI or any server that speaks its wire format.
+"""The OpenAI provider: streamed chat completions from OpenAI or any server that speaks its
+wire format.
 
 The official SDK's `AsyncOpenAI` client defines the request: the base URL, the API key and the
 headers it sends (organisation, project, user agent), all read from settings or its usual
@@ -10,13 +11,10 @@ log record per request: 0.3 ms of CPU per reply at steady N=1,000). The per-requ
 0.27 ms of CPU per request, as much as reading 20 tokens (bench/upstream_cpu.py). The reply's
 server-sent events are parsed here from the raw bytes.
 
-Every wait on the model service has its own deadline: connecting (`UPSTREAM_CONNECT_TIMEOUT_S`),
-the first content piece (`UPSTREAM_FIRST_TOKEN_TIMEOUT_S`, counted from the request and covering
-retries) and each piece after it (`UPSTREAM_IDLE_TIMEOUT_S`). Connection errors, timeouts,
-408/409/429 and 5xx are retried (the SDK's policy) up to `UPSTREAM_MAX_RETRIES` times with its
-backoff or the server's `Retry-After`, and never when the wait would outlast the first-token
-deadline. Nothing is retried once a stream has started: the user may already have seen its first
-words. A `CircuitBreaker` stops calling a service that is down.
+Connecting has its own deadline (`UPSTREAM_CONNECT_TIMEOUT_S`). Every failure becomes an
+`UpstreamError` that says what the SDK would do with it: connection errors, timeouts, 408/409/429
+and 5xx are `retryable`, with the server's `Retry-After`. The retries themselves, the first-token
+and idle deadlines and the circuit breaker are the resilience layer's (`resilient.py`).
 """
 
 from __future__ import annotations
@@ -24,13 +22,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import logging
 import math
-import random
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,26 +35,13 @@ import openai
 
 from ..errors import UpstreamError
 from ..settings import Settings
-from ..watchdog import Watchdog
-from .base import Message, TextMender
-from .breaker import BreakerStatus, CircuitBreaker
-
-log = logging.getLogger(__name__)
+from .base import Deadlines, Message, TextMender
 
 # Local OpenAI-compatible servers (Ollama, vLLM, LM Studio) need no key, but the SDK insists on one.
 NO_KEY = "not-needed"
 
-# The SDK's retry policy (openai/_base_client.py: `_should_retry`, `_calculate_retry_timeout`).
+# What the SDK retries (openai/_base_client.py: `_should_retry`).
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx
-BACKOFF_S = (0.5, 8.0)  # first and longest wait between attempts, less up to 25 % jitter
-MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer wait is not retried at all
-
-# Failures that say the service is down (or drowning), which the circuit breaker counts. An HTTP
-# 4xx answer says it is up; a malformed or unfinished stream says nothing either way.
-DOWN = frozenset(
-    {"upstream_timeout", "upstream_unreachable", "upstream_unavailable", "upstream_rate_limited"}
-)
-ANSWERED = frozenset({"upstream_auth", "upstream_rejected"})
 
 ONE_SHOT_CONNECTIONS = 100  # upstream connections beyond MAX_GENERATIONS, for POST /chat
 
@@ -72,8 +54,8 @@ STREAM_HEADERS = {"Accept-Encoding": "identity"}
 BODY_END_WAIT_S = 5.0
 
 
-class OpenAIReply:
-    """A started stream. Iterating yields content pieces, each within its deadline.
+class OpenAIStream:
+    """A started reply. Its pieces are the content of its events, each as it arrives.
 
     The pieces that arrived together (one read of the socket) are yielded as one: they become one
     `delta` frame, one log entry, one send per socket. Nothing is held back to wait for more;
@@ -83,92 +65,70 @@ class OpenAIReply:
 
     The server-sent events are parsed here from the raw bytes: building the SDK's pydantic model
     for every chunk costs ~10x the CPU of decoding the JSON (docs/benchmarks.md), and a relay
-    needs two fields of it. One watchdog timer per reply enforces the deadlines; arming a fresh
-    timeout around every chunk cost more than the parsing.
+    needs two fields of it.
     """
 
-    def __init__(
-        self,
-        response: aiohttp.ClientResponse,
-        *,
-        watchdog: Watchdog,
-        first_token_timeout_s: float,
-        idle_timeout_s: float,
-        on_first_token: Callable[[], None],
-    ) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, provider: OpenAIProvider) -> None:
         self._response = response
-        self._watchdog = watchdog  # holds the first-token deadline until the first piece
-        self._first_token_timeout_s = first_token_timeout_s
-        self._idle_timeout_s = idle_timeout_s
-        self._on_first_token = on_first_token
+        self._provider = provider
         self.finish_reason: str | None = None
         self.finished = False  # the stream said all it had to say (`[DONE]` or its body's end)
 
-    async def __aiter__(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        watchdog = self._watchdog
-        started = False
+    async def pieces(self, deadlines: Deadlines) -> AsyncIterator[str]:
         pending = b""  # an unfinished line
         ended = False
         mend = TextMender()
-        try:
-            body = self._response.content
-            while data := await body.readany():  # what has arrived; b"" at the end
-                lines = (pending + data).splitlines(keepends=True)
-                pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
-                pieces = []
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        ended = True
-                        break
-                    # SSE is UTF-8: decoded here, json.loads skips sniffing the encoding of
-                    # bytes (1.2 % of the CPU at steady N=1,000).
-                    content, finish_reason = _delta_of(
-                        json.loads(payload.decode("utf-8", "surrogatepass"))
+        with deadlines:
+            try:
+                body = self._response.content
+                while data := await body.readany():  # what has arrived; b"" at the end
+                    lines = (pending + data).splitlines(keepends=True)
+                    pending = (
+                        lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
                     )
-                    if finish_reason:
-                        self.finish_reason = finish_reason
-                    if content:
-                        pieces.append(content)
-                text = mend("".join(pieces))
-                if text:
-                    if not started:
-                        started = True
-                        self._on_first_token()
-                    # The deadline covers only the wait for the service, never our
-                    # consumer's work (which may ride out a broker outage).
-                    watchdog.pause()
+                    pieces = []
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue  # blank separators, comments, `event:` lines
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            ended = True
+                            break
+                        # SSE is UTF-8: decoded here, json.loads skips sniffing the encoding of
+                        # bytes (1.2 % of the CPU at steady N=1,000).
+                        content, finish_reason = _delta_of(
+                            json.loads(payload.decode("utf-8", "surrogatepass"))
+                        )
+                        if finish_reason:
+                            self.finish_reason = finish_reason
+                        if content:
+                            pieces.append(content)
+                    text = mend("".join(pieces))
+                    if text:
+                        deadlines.arrived()
+                        yield text
+                        deadlines.waiting()
+                    if ended:
+                        break
+                self.finished = True
+                if text := mend.flush():
+                    deadlines.arrived()
                     yield text
-                    watchdog.move_to(loop.time() + self._idle_timeout_s)
-                if ended:
-                    break
-            self.finished = True
-            watchdog.pause()  # the stream is over: closing it is not waiting on the service
-            if text := mend.flush():
-                yield text
-        except asyncio.CancelledError:
-            if watchdog.expired():
-                raise (
-                    idle_timeout(self._idle_timeout_s)
-                    if started
-                    else first_token_timeout(self._first_token_timeout_s)
-                ) from None
-            raise
-        except aiohttp.ClientError as exc:  # the connection broke mid-stream
-            raise UpstreamError(
-                "upstream_unreachable", "The connection to the model service broke mid-reply."
-            ) from exc
-        except ValueError as exc:  # an event that is not JSON, or not a completion chunk
-            raise UpstreamError(
-                "upstream_malformed", "The model service sent a reply we could not read."
-            ) from exc
+            except aiohttp.ClientError as exc:  # the connection broke mid-stream
+                raise UpstreamError(
+                    "upstream_unreachable", "The connection to the model service broke mid-reply."
+                ) from exc
+            except ValueError as exc:  # an event that is not JSON, or not a completion chunk
+                raise UpstreamError(
+                    "upstream_malformed", "The model service sent a reply we could not read."
+                ) from exc
         if self.finish_reason is None:
             raise UpstreamError(
                 "upstream_incomplete", "The model service ended the reply before finishing it."
             )
+
+    async def close(self) -> None:
+        self._provider.let_go(self._response, self.finished)
 
 
 def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
@@ -186,7 +146,9 @@ def _delta_of(chunk: Any) -> tuple[str | None, str | None]:
     return (content if isinstance(content, str) else None), choice.get("finish_reason")
 
 
-class OpenAIModel:
+class OpenAIProvider:
+    """The `Provider` of OpenAI's chat completions (and of servers that speak its wire format)."""
+
     demo = False
 
     def __init__(self, settings: Settings) -> None:
@@ -194,12 +156,6 @@ class OpenAIModel:
         # The reply's cap, asked of the service (MAX_REPLY_CHARS holds whatever it does).
         self._limits = (
             {"max_tokens": settings.max_reply_tokens} if settings.max_reply_tokens else {}
-        )
-        self._first_token_timeout_s = settings.upstream_first_token_timeout_s
-        self._idle_timeout_s = settings.upstream_idle_timeout_s
-        self._max_retries = settings.upstream_max_retries
-        self.breaker = CircuitBreaker(
-            settings.upstream_breaker_failures, settings.upstream_breaker_cooldown_s
         )
         # Every admitted reply holds one connection for its stream; POST /chat (not admitted)
         # gets some headroom.
@@ -226,87 +182,28 @@ class OpenAIModel:
                 connector=aiohttp.TCPConnector(
                     limit=self._connections, ssl=httpx2.create_ssl_context()
                 ),
-                # Our deadlines bound every wait (the watchdog of each reply), so the session
-                # gets only the connect timeout: a read timeout re-arms a timer for every chunk.
+                # The resilience layer's deadlines bound every other wait (one watchdog per
+                # reply), so the session gets only the connect timeout: a read timeout re-arms
+                # a timer for every chunk.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
                 headers=self._headers,
                 proxy=env_proxy(self._url),
             )
         return self._session
 
-    def upstream_status(self) -> BreakerStatus:
-        return self.breaker.status()
-
-    @asynccontextmanager
-    async def stream(self, messages: Sequence[Message]) -> AsyncIterator[OpenAIReply]:
-        with self.breaker.attempt() as attempt:  # raises CircuitOpen: no call at all
-            first_token_at = asyncio.get_running_loop().time() + self._first_token_timeout_s
-            # One deadline keeper for the whole reply: the first token's deadline covers the
-            # request and its retries, then each piece moves it.
-            watchdog = Watchdog(first_token_at)
-            try:
-                try:
-                    response = await self._open(list(messages), first_token_at)
-                except asyncio.CancelledError:
-                    if watchdog.expired():
-                        raise first_token_timeout(self._first_token_timeout_s) from None
-                    raise
-                reply = OpenAIReply(
-                    response,
-                    watchdog=watchdog,
-                    first_token_timeout_s=self._first_token_timeout_s,
-                    idle_timeout_s=self._idle_timeout_s,
-                    on_first_token=attempt.succeeded,
-                )
-                try:
-                    yield reply
-                finally:
-                    self._let_go(response, reply.finished)
-            except UpstreamError as exc:
-                if exc.code in DOWN:
-                    attempt.failed()
-                elif exc.code in ANSWERED:
-                    attempt.succeeded()
-                raise
-            finally:
-                watchdog.cancel()
-
-    async def _open(self, messages: list[Message], first_token_at: float) -> aiohttp.ClientResponse:
-        """Send the request, retrying what is safe to retry while the first-token deadline
-        allows. The caller's watchdog holds that deadline over this."""
-        loop = asyncio.get_running_loop()
+    async def open(self, messages: Sequence[Message]) -> OpenAIStream:
         # `messages` holds plain role/content strings, already checked by us.
-        request = {"model": self.name, "messages": messages, "stream": True, **self._limits}
-        body = json.dumps(request).encode()
-        retries = 0
-        while True:
-            status: int | None
-            headers: Mapping[str, str]
-            try:
-                response = await self._client().post(self._url, data=body)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                status, headers, error = None, {}, connection_error(exc)
-                cause: BaseException = exc
-            else:
-                if 200 <= response.status < 300:
-                    return response  # the caller releases it
-                status, headers = response.status, response.headers
-                self._let_go(response, True)  # its body is never shown to anyone
-                error = cause = status_error(status, headers)
-            wait_s = retry_wait_s(error, headers, retries) if retries < self._max_retries else None
-            if wait_s is None or loop.time() + wait_s >= first_token_at:
-                raise error from cause
-            retries += 1
-            log.info(
-                "model service: %s; retry %d of %d in %.2f s",
-                f"HTTP {status}" if status else type(cause).__name__,
-                retries,
-                self._max_retries,
-                wait_s,
-            )
-            await asyncio.sleep(wait_s)
+        request = {"model": self.name, "messages": list(messages), "stream": True, **self._limits}
+        try:
+            response = await self._client().post(self._url, data=json.dumps(request).encode())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise connection_error(exc) from exc
+        if 200 <= response.status < 300:
+            return OpenAIStream(response, self)  # which lets go of it
+        self.let_go(response, True)  # its body is never shown to anyone
+        raise status_error(response.status, response.headers)
 
-    def _let_go(self, response: aiohttp.ClientResponse, finished: bool) -> None:
+    def let_go(self, response: aiohttp.ClientResponse, finished: bool) -> None:
         """Give up `response`: its connection back to the pool if the reply `finished`, else
         closed, which ends the upstream request now (stop, disconnect, timeout, error) instead
         of letting it generate tokens nobody reads.
@@ -341,20 +238,6 @@ class OpenAIModel:
         await self._sdk.close()
 
 
-def retry_wait_s(
-    error: UpstreamError, headers: Mapping[str, str], retries_taken: int
-) -> float | None:
-    """How long to wait before retrying a request that failed with `error` (its answer's
-    `headers`: none when the connection failed), or None when it must not be retried."""
-    if not error.retryable:
-        return None
-    after_s = retry_after_s(headers)
-    if after_s is not None:
-        return after_s if after_s <= MAX_RETRY_AFTER_S else None
-    first, longest = BACKOFF_S
-    return min(first * 2.0**retries_taken, longest) * random.uniform(0.75, 1.0)
-
-
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked us to wait: `retry-after-ms`, or `retry-after` in seconds or as
     an HTTP date. None when absent or unreadable."""
@@ -376,18 +259,6 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
         return None if parsed is None else max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
     except (TypeError, ValueError, OverflowError):
         return None
-
-
-def first_token_timeout(timeout_s: float) -> UpstreamError:
-    return UpstreamError(
-        "upstream_timeout", f"The model service did not start answering within {timeout_s:g} s."
-    )
-
-
-def idle_timeout(timeout_s: float) -> UpstreamError:
-    return UpstreamError(
-        "upstream_timeout", f"The model service stopped answering for {timeout_s:g} s mid-reply."
-    )
 
 
 def env_proxy(url: str) -> str | None:
@@ -413,32 +284,21 @@ def status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
     retryable = verdict == "true" or (
         verdict != "false" and (status in RETRY_STATUSES or status >= 500)
     )
+    after_s = retry_after_s(headers)
     if status in (401, 403):
-        return UpstreamError(
-            "upstream_auth",
-            "The model service refused our credentials; the operator must fix the API key.",
-            retryable=retryable,
-        )
-    if status == 429:
-        after_s = retry_after_s(headers)
-        hint = (
+        code = "upstream_auth"
+        message = "The model service refused our credentials; the operator must fix the API key."
+    elif status == 429:
+        code = "upstream_rate_limited"
+        message = "The model service is rate limiting us." + (
             f" Try again in {max(math.ceil(after_s), 1)} s."
             if after_s is not None
             else " Try again shortly."
         )
-        return UpstreamError(
-            "upstream_rate_limited",
-            "The model service is rate limiting us." + hint,
-            retryable=retryable,
-        )
-    if status >= 500:
-        return UpstreamError(
-            "upstream_unavailable",
-            f"The model service failed (HTTP {status}). Try again.",
-            retryable=retryable,
-        )
-    return UpstreamError(
-        "upstream_rejected",
-        f"The model service rejected the request (HTTP {status}).",
-        retryable=retryable,
-    )
+    elif status >= 500:
+        code = "upstream_unavailable"
+        message = f"The model service failed (HTTP {status}). Try again."
+    else:
+        code = "upstream_rejected"
+        message = f"The model service rejected the request (HTTP {status})."
+    return UpstreamError(code, message, retryable=retryable, retry_in_s=after_s, status=status)
