@@ -1,10 +1,12 @@
-"""The broker interface: everything instances share, and the local fan-out both backends use.
+"""The broker interface: everything instances share, and the local fan-out every backend uses.
 
-A broker holds each session's replayable event log (with its `seq` counter), the history used as
-model context, the generation lease (one reply per session at a time, cluster-wide), and the
-pub/sub that carries live events to sockets and control messages (`stop`) to the instance that
-owns a generation. `MemoryBroker` is the reference implementation; `RedisBroker` shares the same
-state between processes.
+A broker holds each session's replayable event log (with its `seq` counter: `EventLog`), the
+history used as model context (`History`), the generation lease (one reply per session at a time,
+cluster-wide: `Leases`), the pub/sub that carries live events to sockets and control messages
+(`stop`) to the instance that owns a generation (`FanOut`), and the counters of the abuse limits
+(`Counters`). Each caller is typed against the roles it uses; `Broker` is all of them.
+`MemoryBroker` is the reference implementation; `RedisBroker` shares the same state between
+processes.
 
 Locally, each process fans events out to its sockets the same way whatever the backend
 (`LocalFanOut`): one subscription per socket, each a bounded queue.
@@ -273,13 +275,13 @@ class BrokerStats:
     reconnects: int = 0  # times its link to the other instances was re-established
 
 
-class Broker(Protocol):
-    """Shared state and messaging of the cluster. All methods may raise `BrokerUnavailable`.
+# The broker's roles. Callers that need one role are typed against it, so what each part of the
+# service asks of a backend is written where it asks; `Broker` is every role at once.
 
-    Besides the state, a backend declares what the rest of the service must know of it: whether
-    its state is `shared` by every instance that names it, the storage its instances' rate
-    limits count in, and its stats.
-    """
+
+class Lifecycle(Protocol):
+    """Opening and closing a backend, and what it declares to the rest of the service: whether
+    its state is `shared` by every instance that names it, its health and its stats."""
 
     kind: ClassVar[str]  # its name in logs and /readyz
     # Every instance using it sees the same state: another instance can resume a socket, and
@@ -290,18 +292,6 @@ class Broker(Protocol):
     def from_settings(cls, settings: Settings) -> Broker:
         """The backend `settings` configure (connections open in `start`)."""
 
-    def rate_limit_storage(self, key_prefix: str) -> Storage:
-        """The `limits` storage of the rate limits, as shared as the backend's state; its keys
-        start with `key_prefix`."""
-
-    def stats(self) -> BrokerStats:
-        """Its counts for /metrics, read at scrape time. Never raises, never waits."""
-
-    @property
-    def epoch(self) -> str:
-        """The data's epoch: a new one begins when the broker lost data (docs/protocol.md,
-        `epoch`)."""
-
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         """Connect, and deliver control messages sent to `instance` to `on_control`."""
 
@@ -310,11 +300,17 @@ class Broker(Protocol):
     async def check(self) -> dict[str, Any]:
         """Health for /readyz: {"ok": bool, ...details}. Never raises."""
 
-    # Sessions and their event log.
+    def stats(self) -> BrokerStats:
+        """Its counts for /metrics, read at scrape time. Never raises, never waits."""
 
-    async def secret(self) -> bytes:
-        """A random secret shared by every instance (the first to ask makes it): it signs the
-        ids of sessions that are not stored yet (`chat/sessions.py`)."""
+
+class EventLog(Protocol):
+    """Sessions and their replayable event log, numbered by `seq`."""
+
+    @property
+    def epoch(self) -> str:
+        """The data's epoch: a new one begins when the broker lost data (docs/protocol.md,
+        `epoch`)."""
 
     async def create_session(self, session: str) -> None:
         """Store a session (with no events). Never resets one that exists."""
@@ -346,6 +342,11 @@ class Broker(Protocol):
         `max_bytes`, only the first of them, up to the first whose frames reach that many
         characters (at least one event): a page. A page shorter than `max_bytes` is the last."""
 
+
+class FanOut(Protocol):
+    """Live frames to the sockets of a session, wherever they are, and control messages to an
+    instance. The local half is `LocalFanOut`, the same for every backend."""
+
     def subscribe(
         self, session: str, max_bytes: int = SUBSCRIPTION_MAX_BYTES
     ) -> AbstractAsyncContextManager[Subscription]:
@@ -357,7 +358,9 @@ class Broker(Protocol):
     async def signal(self, instance: str, message: dict[str, Any]) -> None:
         """Send a control message to one instance (at-most-once)."""
 
-    # Model context.
+
+class History(Protocol):
+    """The model context of each session: its last turns."""
 
     async def history(self, session: str) -> list[Message]: ...
 
@@ -365,7 +368,9 @@ class Broker(Protocol):
         """Add a turn to the model context. `key` makes a retry safe, as for `append`: the same
         key as the last turn's adds nothing."""
 
-    # One generation per session, cluster-wide.
+
+class Leases(Protocol):
+    """One generation per session, cluster-wide."""
 
     async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
         """Take the session's lease, unless another lease holds it (even an expired one). True
@@ -384,6 +389,14 @@ class Broker(Protocol):
         new message is accepted until the claimant has closed the orphaned reply and released.
         """
 
+
+class Counters(Protocol):
+    """What the abuse limits count in: shared counters, and the rate limits' storage."""
+
+    def rate_limit_storage(self, key_prefix: str) -> Storage:
+        """The `limits` storage of the rate limits, as shared as the backend's state; its keys
+        start with `key_prefix`."""
+
     async def adjust(self, key: str, delta: int, ttl_s: int) -> int:
         """Add `delta` to this instance's share of a shared counter; the counter's value, the sum
         of the shares of the instances alive. The share is exact whatever retries happen, and
@@ -391,8 +404,24 @@ class Broker(Protocol):
         a counter nobody changes for `ttl_s` is forgotten. The change stands even when the call
         fails: the instance tells the broker later."""
 
-    # Tasks of the HTTP ask API (a reply addressed without a socket).
+
+class Secrets(Protocol):
+    """The secret every instance shares."""
+
+    async def secret(self) -> bytes:
+        """A random secret shared by every instance (the first to ask makes it): it signs the
+        ids of sessions that are not stored yet (`chat/sessions.py`)."""
+
+
+class Tasks(Protocol):
+    """Tasks of the HTTP ask API (a reply addressed without a socket)."""
 
     async def put_task(self, task: str, record: dict[str, Any]) -> None: ...
 
     async def get_task(self, task: str) -> dict[str, Any] | None: ...
+
+
+class Broker(Lifecycle, EventLog, FanOut, History, Leases, Counters, Secrets, Tasks, Protocol):
+    """Shared state and messaging of the cluster: every role at once. All methods may raise
+    `BrokerUnavailable`. A backend is a class with all of these members (it need not name the
+    protocols), its local fan-out a `LocalFanOut`."""

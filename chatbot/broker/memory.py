@@ -11,7 +11,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from limits.aio.storage import MemoryStorage
 
@@ -24,6 +24,7 @@ from .base import GONE, BrokerStats, ControlHandler, Event, Lease, LocalFanOut
 
 if TYPE_CHECKING:
     from ..settings import Settings
+    from .base import Broker
 
 # A logged event as the log keeps it: (seq, frame), its JSON text, parsed again for a replay as
 # the Redis log's entries are. A tuple of an int and a string is untracked by the first young
@@ -51,8 +52,8 @@ class _Held:
 
 
 class MemoryBroker(LocalFanOut):
-    kind = "memory"
-    shared = False  # one process's memory
+    kind: ClassVar[str] = "memory"
+    shared: ClassVar[bool] = False  # one process's memory
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MemoryBroker:
@@ -233,3 +234,7 @@ class MemoryBroker(LocalFanOut):
         now = time.monotonic()
         for task in [t for t, (deadline, _) in self._tasks.items() if deadline <= now]:
             del self._tasks[task]
+
+
+if TYPE_CHECKING:  # mypy checks that it plays every role of a broker
+    _: type[Broker] = MemoryBroker

@@ -42,7 +42,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage
@@ -61,6 +61,7 @@ from .base import (
     GONE,
     NEW_EPOCH,
     RESYNC,
+    Broker,
     BrokerStats,
     ControlHandler,
     Event,
@@ -345,8 +346,8 @@ class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
 
 
 class RedisBroker(LocalFanOut):
-    kind = "redis"
-    shared = True
+    kind: ClassVar[str] = "redis"
+    shared: ClassVar[bool] = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -828,3 +829,7 @@ class RedisBroker(LocalFanOut):
         with _unavailable("reading a task"):
             raw = await self._redis.get(f"{PREFIX}:task:{task}")
         return None if raw is None else json.loads(raw)
+
+
+if TYPE_CHECKING:  # mypy checks that it plays every role of a broker
+    _: type[Broker] = RedisBroker

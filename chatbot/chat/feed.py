@@ -16,10 +16,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .. import protocol
-from ..broker import GONE, NEW_EPOCH, RESYNC, Broker, Event, Subscription, cancelling
+from ..broker import GONE, NEW_EPOCH, RESYNC, Event, EventLog, FanOut, Subscription, cancelling
 from ..errors import BrokerUnavailable, SessionExpired, refusal
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ _END = "\x00end"  # a local item no frame can equal: frames are JSON objects
 T = TypeVar("T")
 
 
+class LiveLog(EventLog, FanOut, Protocol):
+    """What a feed reads: the session's log, and its live events."""
+
+
 class Feed:
     """Iterate for frames (JSON text) to send to one socket, in order.
 
@@ -41,7 +45,7 @@ class Feed:
     """
 
     def __init__(
-        self, broker: Broker, sub: Subscription, after: int, page_bytes: int | None = None
+        self, broker: EventLog, sub: Subscription, after: int, page_bytes: int | None = None
     ) -> None:
         self._broker = broker
         self._sub = sub
@@ -167,7 +171,7 @@ class Feed:
 
 @asynccontextmanager
 async def open_feed(
-    broker: Broker, session: str, after: int, max_bytes: int
+    broker: LiveLog, session: str, after: int, max_bytes: int
 ) -> AsyncIterator[Feed]:
     """A feed whose live queue and replay pages each hold at most about `max_bytes` of frames
     (SOCKET_BACKLOG_BYTES): a replay of the whole log is read a page at a time as it is sent."""

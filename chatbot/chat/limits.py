@@ -20,7 +20,7 @@ from limits import RateLimitItem, parse
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from .. import metrics
-from ..broker import Broker
+from ..broker import Counters
 from ..errors import BrokerUnavailable, RateLimited
 from ..settings import Settings
 
@@ -46,7 +46,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted_hops: int)
 
 
 class AbuseLimits:
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(self, settings: Settings, broker: Counters) -> None:
         self._settings = settings
         self._broker = broker
         self._per_session = parse(settings.rate_limit_session)

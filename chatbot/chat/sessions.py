@@ -19,7 +19,7 @@ import time
 from typing import Final
 
 from .. import protocol
-from ..broker import Broker
+from ..broker import Secrets
 
 _RANDOM: Final = 22  # characters of protocol.new_id()
 _TIME: Final = 6  # the issue time, whole seconds, 32 bits
@@ -31,17 +31,17 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-async def _mac(broker: Broker, text: str) -> str:
+async def _mac(broker: Secrets, text: str) -> str:
     return _b64(hmac.digest(await broker.secret(), text.encode(), "sha256")[:8])
 
 
-async def new_session_id(broker: Broker) -> str:
+async def new_session_id(broker: Secrets) -> str:
     issued = _b64(int(time.time()).to_bytes(4, "big"))
     unsigned = protocol.new_id() + issued
     return unsigned + await _mac(broker, unsigned)
 
 
-async def issued_unstored(broker: Broker, session: str, ttl_s: float) -> bool:
+async def issued_unstored(broker: Secrets, session: str, ttl_s: float) -> bool:
     """Whether `session` (unknown to the broker) is an id this service issued within `ttl_s`."""
     if len(session) != LENGTH:
         return False

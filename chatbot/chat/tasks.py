@@ -8,14 +8,18 @@ the very same reply stream.
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .. import protocol
-from ..broker import Broker
+from ..broker import EventLog, Tasks
 from ..errors import SessionExpired
 from .service import ChatService
 
 Status = Literal["queued", "running", "done", "error"]
+
+
+class TaskLog(Tasks, EventLog, Protocol):
+    """What a task's status is read from: its record, and the session log it points into."""
 
 
 async def start_task(
@@ -38,7 +42,7 @@ async def start_task(
     return {"task": task, "session": session}
 
 
-async def task_status(broker: Broker, task: str) -> dict[str, Any] | None:
+async def task_status(broker: TaskLog, task: str) -> dict[str, Any] | None:
     """`{"status", "response"}` (plus `"error"` when it failed), or None for an unknown task."""
     record = await broker.get_task(task)
     if record is None:
