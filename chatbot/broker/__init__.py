@@ -1,7 +1,9 @@
 """Shared state and messaging between instances: the interface and its backends.
 
 A backend is one module here and one line in `BACKENDS`: the URL schemes of REDIS_URL it serves.
-It is imported only when a URL names it, so the in-process default never loads redis-py.
+It is imported only when a URL names it, so the in-process default never loads redis-py. Its class
+plays every role of a `Broker` (the module asks mypy to check it, as memory.py does) and leaves
+the fan-out to its own sockets to `LocalFanOut`, saying only how a session's events reach it.
 """
 
 from __future__ import annotations
