@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from contextlib import suppress
 from typing import Any
 
 from hypercorn.config import Config
@@ -95,11 +96,14 @@ def _app(spec: str | None, settings: Settings) -> Quart:
     if spec is None:
         return create_app(settings)
     from .mount import load_app
+    from .runtime import runtime_of
 
     app = load_app(spec, variable="chatbot serve APP")
-    if not isinstance(app, Quart) or "CHATBOT_SETTINGS" not in app.config:
-        raise SettingsError("chatbot serve APP", f"{spec} is not an app from chatbot.create_app()")
-    return app
+    if isinstance(app, Quart):
+        with suppress(LookupError):
+            runtime_of(app)
+            return app
+    raise SettingsError("chatbot serve APP", f"{spec} is not an app from chatbot.create_app()")
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -108,8 +112,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.backlog = LISTEN_BACKLOG
     config.websocket_ping_interval = settings.ws_ping_interval_s
     config.websocket_max_message_size = settings.ws_max_message_bytes
-    # Sockets are closed by `drain` before Hypercorn's own shutdown starts; what is left are its
-    # websocket ping loops, which sleep up to a ping interval after their socket has closed.
+    # Sockets are closed by `Runtime.drain` before Hypercorn's own shutdown starts; what is left
+    # are its websocket ping loops, which sleep up to a ping interval after their socket closed.
     config.graceful_timeout = 1.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our handler and format
@@ -123,11 +127,12 @@ async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) ->
     """Serve until SIGTERM/SIGINT, then restart gracefully.
 
     Hypercorn alone would leave websockets open until its graceful timeout and then drop them
-    (clients see 1006); `drain` first lets replies finish and closes every socket with 1012.
+    (clients see 1006); `Runtime.drain` first lets replies finish and closes every socket with
+    1012.
     """
     from hypercorn.asyncio import serve
 
-    from .app import drain
+    from .runtime import runtime_of
 
     # After the app's own start-up hook: the broker and model clients it opens import most of
     # the process's modules (753 of them), and those belong to what is never scanned too.
@@ -141,7 +146,7 @@ async def _serve(settings: Settings, app: Quart, *, reuse_port: bool = False) ->
     async def shutdown_trigger() -> None:
         await stopping.wait()
         log.info("shutting down: draining sockets and replies")
-        await drain(app)
+        await runtime_of(app).drain()
         loop.set_exception_handler(_quiet_cancelled_connections)
 
     config = hypercorn_config(settings)

@@ -108,8 +108,9 @@ def _evaluate(module: Any, expression: str, variable: str) -> Any:
     return found(*args, **kwargs) if call else found
 
 
-def mount_wsgi(app: Quart, settings: Settings) -> None:
-    """Serve `settings.wsgi_app` for every HTTP request that `app`'s own routes do not answer."""
+def mount_wsgi(app: Quart, settings: Settings) -> WsgiBridge:
+    """Serve `settings.wsgi_app` for every HTTP request that `app`'s own routes do not answer;
+    the bridge that serves it (its threads are waited for at shutdown)."""
     assert settings.wsgi_app
     legacy = load_app(settings.wsgi_app)
     bridge = WsgiBridge(legacy, settings.wsgi_threads, settings.wsgi_max_body_bytes)
@@ -122,13 +123,14 @@ def mount_wsgi(app: Quart, settings: Settings) -> None:
             await inner(scope, receive, send)
 
     app.asgi_app = route  # type: ignore[method-assign,assignment]
-    app.extensions["wsgi_bridge"] = bridge
 
     @app.before_serving
     async def tell_shadowed() -> None:  # once every blueprint is registered
         log.info("serving %s for every route chatbot does not own", settings.wsgi_app)
         for method, path, reason in shadowed(app, legacy):
             log.warning("the legacy app's %s %s is answered by chatbot: %s", method, path, reason)
+
+    return bridge
 
 
 def owns(app: Quart, path: str, method: str) -> bool:

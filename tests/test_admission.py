@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chatbot.fake_openai import FakeOpenAI, reply_text
+from chatbot.runtime import runtime_of
 
 from .conftest import ready_sockets, text_of
 
@@ -53,6 +54,6 @@ async def test_stop_while_queued_leaves_the_queue_without_calling_the_model(
             await a.until_done()
             await b.send({"type": "message", "text": "now"})
             assert (await b.until_done())[-1]["reason"] == "stop"
-        service = app.app.extensions["chat"]
+        service = runtime_of(app.app).service
         assert (service.admission.active, service.admission.queued) == (0, 0)
     assert [r["messages"][-1]["content"] for r in fake.requests] == ["busy", "now"]

@@ -3,6 +3,7 @@ strict); both are configured in pyproject.toml."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -39,3 +40,35 @@ def test_mypy_strict_on_the_package() -> None:
     command = [sys.executable, "-m", "mypy"]  # what to check, and how: [tool.mypy]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules (and `from` names, as `module.name`) that the file at `path` imports,
+    relative imports resolved."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_routes_never_import_the_app_module() -> None:
+    """Routes reach the running app through `chatbot.runtime`; `chatbot.app` builds the app from
+    them, so an import the other way is a cycle."""
+    routes = sorted((ROOT / "chatbot" / "routes").glob("*.py"))
+    assert len(routes) > 1
+    for path in routes:
+        cycle = {m for m in imports_of(path) if m == "chatbot.app" or m.startswith("chatbot.app.")}
+        assert not cycle, f"{path.relative_to(ROOT)} imports {sorted(cycle)}"
+    # Nor through another module: importing every route leaves the app module unloaded.
+    modules = ", ".join(f"chatbot.routes.{p.stem}" for p in routes if p.stem != "__init__")
+    check = f"import sys, {modules}; assert 'chatbot.app' not in sys.modules, 'chatbot.app'"
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

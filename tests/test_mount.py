@@ -22,6 +22,7 @@ from quart import Blueprint, Quart, render_template, session
 from chatbot import create_app, protected
 from chatbot.errors import SettingsError
 from chatbot.mount import WAITING_PER_THREAD, load_app
+from chatbot.runtime import runtime_of
 from chatbot.settings import Settings
 from tests.support import legacy_apps
 from tests.support.frames import reply_over
@@ -156,8 +157,8 @@ async def test_bodies_over_the_limit_are_refused_before_taking_a_thread() -> Non
         small = await client.post("/echo", data=b"x" * 1000)
         assert (await small.get_json())["body_bytes"] == 1000
         assert (await client.post("/echo", data=b"x" * 1001)).status_code == 413
-        bridge = app.app.extensions["wsgi_bridge"]  # type: ignore[attr-defined]
-        assert bridge.threads.busy == 0
+        bridge = runtime_of(app.app).wsgi_bridge  # type: ignore[attr-defined]
+        assert bridge is not None and bridge.threads.busy == 0
 
 
 async def test_slow_views_wait_for_a_thread_and_a_flood_is_refused_with_503() -> None:

@@ -20,6 +20,7 @@ from chatbot.fake_openai import FakeOpenAI, reply_text, self_signed_certificate,
 from chatbot.llm import open_model
 from chatbot.llm.openai import OpenAIProvider
 from chatbot.llm.resilient import ResilientModel
+from chatbot.runtime import runtime_of
 from chatbot.settings import Settings
 
 from .conftest import API_KEY, AppFactory, ready_sockets, text_of
@@ -143,7 +144,7 @@ async def test_a_chat_over_https_reuses_its_connection(
 ) -> None:
     """Through the app: a user's replies, each whole and in order, over one connection."""
     async with app_with(settings_for(upstream)) as app, ready_sockets(app, 1) as (ws,):
-        model = app.app.extensions["chat"].model
+        model = runtime_of(app.app).service.model
         for k in range(N):
             await ws.send({"type": "message", "id": f"m{k}", "text": f"hello {k}"})
             frames = await ws.until_done(10)

@@ -11,6 +11,7 @@ from quart.testing.connections import WebsocketDisconnectError, WebsocketRespons
 
 from chatbot.chat.feed import Feed
 from chatbot.fake_openai import FakeOpenAI, reply_chunks, reply_text
+from chatbot.runtime import runtime_of
 from chatbot.settings import DEFAULT_SYSTEM_PROMPT, Settings
 
 from .conftest import Socket, seqs, text_of
@@ -337,7 +338,7 @@ async def test_shutdown_closes_streaming_replies_as_interrupted(
             ready = await ws.recv()
             await ws.send({"type": "message", "text": "long"})
             await ws.until(lambda f: f["type"] == "delta")
-        service = app.app.extensions["chat"]
+        service = runtime_of(app.app).service
         broker = service.broker
     # The app has shut down; its broker still holds the log (in-process backend).
     events = await broker.replay(ready["session"], 0)

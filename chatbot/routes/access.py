@@ -22,9 +22,9 @@ from typing import Any
 from quart import current_app, request
 from werkzeug.datastructures import Headers
 
-from ..app import chat_service, settings
 from ..chat.limits import client_ip
 from ..errors import CANNOT_ACCEPT, ChatbotError, FrameError, RateLimited, refusal
+from ..runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ JsonReply = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, st
 async def access_refusal(*, limit: bool) -> JsonReply | None:
     """The current request's 401 without ACCESS_TOKEN, or (with `limit`) its 429 over
     RATE_LIMIT_IP, where one request counts as one message of its address; None to go on."""
-    config = settings()
+    config = runtime().settings
     # `?token=` too (documented as logged, in docs/protocol.md): `protected` routes take it.
     if not token_ok(config.access_token, request.headers, request.args.get("token")):
         log.warning("refused %s %s without a valid access token", request.method, request.path)
         return {"error": "a valid access token is required"}, 401, {"WWW-Authenticate": "Bearer"}
     if limit:
         try:
-            await chat_service().limits.check_message(None, request_ip())
+            await runtime().service.limits.check_message(None, request_ip())
         except RateLimited as exc:
             return refused(exc)
     return None
@@ -71,7 +71,7 @@ async def access_refusal(*, limit: bool) -> JsonReply | None:
 def request_ip() -> str:
     """The current request's client address (behind TRUSTED_PROXY_HOPS proxies)."""
     forwarded = request.headers.getlist("X-Forwarded-For")
-    return client_ip(request.remote_addr, forwarded, settings().trusted_proxy_hops)
+    return client_ip(request.remote_addr, forwarded, runtime().settings.trusted_proxy_hops)
 
 
 def refused(exc: ChatbotError, unavailable: str = CANNOT_ACCEPT) -> JsonReply:

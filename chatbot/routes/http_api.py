@@ -8,9 +8,9 @@ import logging
 from quart import Blueprint, Response, request
 
 from .. import descriptors, metrics, protocol
-from ..app import chat_service, settings
 from ..chat.tasks import start_task, task_status
 from ..errors import ChatbotError, ClientError, UpstreamError
+from ..runtime import runtime
 from .access import JsonReply, access_refusal, refused, request_ip
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ async def chat() -> JsonReply:
     message, refusal = await _message()
     if refusal is not None:
         return refusal
-    service = chat_service()
+    service = runtime().service
     try:
         await service.limits.check_message(None, request_ip())
         return {"response": await service.complete(message)}, 200
@@ -58,7 +58,7 @@ async def ask() -> JsonReply:
     try:
         if session is not None:
             protocol.check_id(session, "session")
-        return await start_task(chat_service(), session, message, request_ip()), 202
+        return await start_task(runtime().service, session, message, request_ip()), 202
     except ChatbotError as exc:  # SessionExpired: it expired, or Redis lost it, meanwhile
         return refused(exc)
 
@@ -67,7 +67,7 @@ async def ask() -> JsonReply:
 async def task(task: str) -> JsonReply:
     try:
         protocol.check_id(task, "the task")
-        status = await task_status(chat_service().broker, task)
+        status = await task_status(runtime().service.broker, task)
     except ChatbotError as exc:
         return refused(exc, "The service cannot read tasks right now; try again.")
     if status is None:
@@ -95,7 +95,7 @@ async def readyz() -> JsonReply:
     The model service's state (`upstream`) is reported but never makes this 503: every instance
     shares the one upstream, so failing readiness would take the whole site down, page included.
     """
-    service = chat_service()
+    service = runtime().service
     broker = await service.broker.check()
     fds = descriptors.check()
     ready = bool(broker.get("ok")) and not service.draining and not (fds and fds["exhausted"])
@@ -123,7 +123,7 @@ async def _message() -> tuple[str, JsonReply | None]:
     if not message:
         return "", ({"error": "Message is required"}, 400)
     try:
-        protocol.check_text(message, settings().max_message_chars)
+        protocol.check_text(message, runtime().settings.max_message_chars)
     except ClientError as exc:
         # A blank message keeps the Flask contract's wording; the rest say what was wrong.
         return "", ({"error": "Message is required" if exc.code == "empty" else exc.message}, 400)

@@ -6,11 +6,16 @@ own routes or to the mounted legacy app (docs/migrating.md); the socket stays at
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from quart import Blueprint, Response, send_from_directory
 
-from ..app import WEB_DIR
 from . import http_api
 from .access import token_required
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+# Installed wheels carry the client inside the package; a source checkout has it beside it.
+WEB_DIR = next((p for p in (_PACKAGE / "web", _PACKAGE.parent / "web") if p.is_dir()), _PACKAGE)
 
 
 def blueprint(path: str) -> Blueprint:

@@ -20,13 +20,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .. import logs, metrics, protocol
-from ..app import Closing
 from ..chat.feed import Feed
 from ..chat.limits import client_ip
 from ..chat.service import ChatService
 from ..errors import CANNOT_ACCEPT, BrokerUnavailable, ChatbotError, SessionExpired, refusal
 from ..patches.hypercorn import ACTIVITY
 from ..protocol import CloseCode
+from ..runtime import Closing, Runtime
 from ..watchdog import Watchdog
 from .access import socket_credentials, token_ok
 
@@ -138,12 +138,10 @@ class Client:
         await self.refuse(scope, answer.status, answer.message, answer.retry_after_s)
 
 
-async def chat_socket(
-    scope: Scope, receive: Receive, send: Send, service: ChatService, closing: Closing
-) -> None:
+async def chat_socket(scope: Scope, receive: Receive, send: Send, runtime: Runtime) -> None:
     """Serve one `/ws` connection: check the handshake, open the session, chat until the client
     leaves, goes silent, falls too far behind, or the server restarts."""
-    config = service.settings
+    service, closing, config = runtime.service, runtime.closing, runtime.settings
     headers = HandshakeHeaders(scope["headers"])
     logs.bind_request(headers.get(logs.REQUEST_ID_HEADER))
     args: dict[str, str] = {}
