@@ -20,10 +20,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from chatbot.broker import open_broker
 from chatbot.chat.service import ChatService
 from chatbot.fake_openai import FakeOpenAI
-from chatbot.llm import open_model
 from chatbot.settings import Settings
 
 from .procs import Server, free_port
@@ -49,8 +47,7 @@ async def _measure(args: argparse.Namespace, redis_url: str) -> None:
             rate_limit_ip="1000000/minute",
             rate_limit_new_sessions="1000000/minute",
         )
-        service = ChatService(settings, open_broker(settings), open_model(settings))
-        await service.start()
+        service = await ChatService.open(settings)
         async with aioredis.from_url(redis_url, decode_responses=True) as admin:
             await asyncio.sleep(1)  # the broker's first calls (epoch, liveness, scripts)
             before = (await admin.info("memory"))["used_memory"]
@@ -76,8 +73,6 @@ async def _measure(args: argparse.Namespace, redis_url: str) -> None:
                 kind = key.replace(sample, "{id}")
                 by_kind[kind] += await admin.memory_usage(key, samples=0) or 0
         await service.close()
-        await service.model.close()
-        await service.broker.close()
     per_session = (after - before) / args.sessions
     print(f"{args.sessions} sessions x {args.turns} turns, replies of {args.chunks} pieces")
     print(f"  INFO memory used_memory: +{after - before:,} bytes, {keys:,} keys")

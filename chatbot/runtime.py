@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING
 
 from quart import Quart, current_app
 
-from .broker import open_broker
 from .chat.service import ChatService
-from .llm import open_model
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -85,17 +83,13 @@ class Runtime:
     async def start(self) -> ChatService:
         """Open and start the service (with its broker and model)."""
         self.closing = Closing()
-        service = ChatService(self.settings, open_broker(self.settings), open_model(self.settings))
-        await service.start()
-        self._service = service
-        return service
+        self._service = await ChatService.open(self.settings)
+        return self._service
 
     async def stop(self) -> None:
-        """Close the service, its model and its broker."""
+        """Close the service, and with it its broker and model."""
         service, self._service = self.service, None
         await service.close()
-        await service.model.close()
-        await service.broker.close()
 
     async def drain(self) -> None:
         """Graceful restart, before the server stops: refuse new sockets and messages, let

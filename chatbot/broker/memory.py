@@ -75,12 +75,14 @@ class MemoryBroker(LocalFanOut):
         self._control: dict[str, ControlHandler] = {}
         self._secret = secrets.token_bytes(32)
         self.epoch = new_id()  # this process's memory: it never loses data but with itself
+        self.closed = False  # then no control message reaches an instance; the data stays
 
     async def start(self, instance: str, on_control: ControlHandler) -> None:
         self._control[instance] = on_control
 
     async def close(self) -> None:
         self._control.clear()
+        self.closed = True
 
     async def check(self) -> dict[str, Any]:
         return {"ok": True, "backend": self.kind, "sessions": len(self._sessions)}

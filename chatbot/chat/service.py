@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import logs, metrics, protocol
-from ..broker import Broker, Event, Lease
+from ..broker import Broker, Event, Lease, open_broker
 from ..errors import (
     BrokerUnavailable,
     Busy,
@@ -29,7 +29,7 @@ from ..errors import (
     SessionExpired,
     UpstreamError,
 )
-from ..llm import ChatModel, Message
+from ..llm import ChatModel, Message, open_model
 from ..settings import Settings
 from .admission import Admission, Ticket
 from .feed import Feed, open_feed
@@ -63,7 +63,8 @@ class _Generation:
 
 
 class ChatService:
-    """One per process. `start()` before use, `close()` at shutdown."""
+    """One per process, owning its broker and model: `open(settings)` (or `start()` one built
+    over them) before use, `close()` at shutdown, which closes them too."""
 
     def __init__(self, settings: Settings, broker: Broker, model: ChatModel) -> None:
         self.settings = settings
@@ -82,6 +83,18 @@ class ChatService:
         self._delta_chars = max(64, settings.socket_backlog_bytes // 12)
 
     # Lifecycle.
+
+    @classmethod
+    async def open(cls, settings: Settings) -> ChatService:
+        """A started service over the broker REDIS_URL names and the model the settings choose
+        (`open_broker`, `open_model`); `close()` closes them."""
+        service = cls(settings, open_broker(settings), open_model(settings))
+        try:
+            await service.start()
+        except BaseException:
+            await service.close()
+            raise
+        return service
 
     async def start(self) -> None:
         await self.broker.start(self.instance, self._on_control)
@@ -104,12 +117,17 @@ class ChatService:
                 await asyncio.wait(cut, timeout=SHUTDOWN_WAIT_S)
 
     async def close(self) -> None:
-        """Stop background work; replies still streaming end as `interrupted`."""
+        """Stop background work (replies still streaming end as `interrupted`), then close the
+        model and the broker: last, since those replies' endings are written through it."""
         tasks = [t for t in self._background if not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=SHUTDOWN_WAIT_S)
+        try:
+            await self.model.close()
+        finally:
+            await self.broker.close()
 
     @property
     def generations_in_flight(self) -> int:

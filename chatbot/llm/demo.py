@@ -42,6 +42,7 @@ class DemoProvider:
 
     def __init__(self, word_delay_s: float = 0.06) -> None:
         self._word_delay_s = word_delay_s
+        self.closed = False
 
     async def open(self, messages: Sequence[Message]) -> DemoStream:
         last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -56,4 +57,4 @@ class DemoProvider:
         return DemoStream(text, self._word_delay_s)
 
     async def close(self) -> None:
-        return None
+        self.closed = True
