@@ -64,6 +64,8 @@ BACKENDS: Final = {
     "memory": "chatbot.broker.memory:MemoryBroker",
     "redis": "chatbot.broker.redis:RedisBroker",
     "rediss": "chatbot.broker.redis:RedisBroker",
+    "redis+cluster": "chatbot.broker.redis_cluster:RedisClusterBroker",
+    "rediss+cluster": "chatbot.broker.redis_cluster:RedisClusterBroker",
 }
 
 

@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
 from ..errors import BrokerUnavailable, EpochChanged, SessionExpired
@@ -86,13 +86,22 @@ CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_BACKOFF_S: Final = (0.1, 2.0)  # first and longest wait between listener restarts
 
 
-def _fan_out(subs: str, frame: str, writer: str, session: str) -> str:
+def _fan_out(
+    subs: str,
+    frame: str,
+    writer: str,
+    session: str,
+    *,
+    publish: str = "PUBLISH",
+    channel: str = f"'{PREFIX}:e:' .. instance",
+) -> str:
     """Lua publishing `frame` to the event channel of every instance in the session's set `subs`
-    but `writer`, which delivers to its own sockets itself (the arguments are Lua expressions)."""
+    but `writer`, which delivers to its own sockets itself (the arguments are Lua expressions;
+    `channel` names an instance's channel from `instance`, and `publish` sends to it)."""
     return f"""
 for _, instance in ipairs(redis.call('SMEMBERS', {subs})) do
   if instance ~= {writer} then
-    redis.call('PUBLISH', '{PREFIX}:e:' .. instance, {session} .. ' ' .. {frame})
+    redis.call('{publish}', {channel}, {session} .. ' ' .. {frame})
   end
 end
 """
@@ -111,8 +120,12 @@ if tonumber(redis.call('HGET', KEYS[#KEYS], 'clock') or 0) < tonumber(ARGV[#ARGV
   return -1
 end
 """
-_APPEND_ONE = (
-    """
+
+
+def _append_one(**fan_out: str) -> str:
+    """The Lua of one append (see `_APPEND`), publishing with `_fan_out(**fan_out)`."""
+    return (
+        """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'key') == ARGV[5] then
   return tonumber(redis.call('HGET', KEYS[1], 'seq'))
@@ -123,9 +136,12 @@ local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 """
-    + _fan_out(subs="KEYS[4]", frame="frame", writer="ARGV[6]", session="ARGV[7]")
-    + "return seq\n"
-)
+        + _fan_out(subs="KEYS[4]", frame="frame", writer="ARGV[6]", session="ARGV[7]", **fan_out)
+        + "return seq\n"
+    )
+
+
+_APPEND_ONE = _append_one()
 _APPEND = _CURRENT + _APPEND_ONE
 
 # The same, but only while ARGV[8] (a lease) still holds the session (ARGV[7]); releases it. A
@@ -335,7 +351,8 @@ class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
-        if not isinstance(exc, (RedisError, OSError)):
+        # (RedisClusterException, not a RedisError, is the cluster client's "no node can take it".)
+        if not isinstance(exc, (RedisError, OSError, RedisClusterException)):
             return
         if cancelling():
             # redis-py turns a cancellation mid-command into a connection error; a caller that
@@ -345,9 +362,26 @@ class _unavailable:  # lower case: read as `with _unavailable("doing x"):`
         raise BrokerUnavailable(message) from exc
 
 
+# A script's call, `(script, keys, args)`, and a plain command's, `(*argv)`: futures of replies.
+ScriptCall = Callable[[Any, Sequence[str], list[Any]], Awaitable[Any]]
+CommandCall = Callable[..., Awaitable[Any]]
+
+
 class RedisBroker(LocalFanOut):
+    """The broker on one Redis. Another Redis topology (redis_cluster.py) subclasses it: the
+    hooks below (`_open_client`, `_call_paths`, `_keys`...) and the class attributes of keys
+    and scripts are where it differs."""
+
     kind: ClassVar[str] = "redis"
     shared: ClassVar[bool] = True
+
+    # Keys every instance shares, and the scripts whose keys differ by topology.
+    INSTANCES: ClassVar[str] = INSTANCES
+    SECRET: ClassVar[str] = SECRET
+    EPOCH_KEY: ClassVar[str] = EPOCH_KEY
+    APPEND_LUA: ClassVar[str] = _APPEND
+    FINISH_LUA: ClassVar[str] = _FINISH
+    ANNOUNCE_LUA: ClassVar[str] = _ANNOUNCE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -356,6 +390,45 @@ class RedisBroker(LocalFanOut):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self._settings = settings
+        self._redis: Any = self._open_client(settings)
+        self._append = self._redis.register_script(self.APPEND_LUA)
+        self._finish = self._redis.register_script(self.FINISH_LUA)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._count = self._redis.register_script(_COUNT)
+        self._alive = self._redis.register_script(_ALIVE)
+        self._create = self._redis.register_script(_CREATE)
+        self._secret_script = self._redis.register_script(_SECRET)
+        self._secret: bytes | None = None
+        self._add_turn = self._redis.register_script(_ADD_TURN)
+        self._announce = self._redis.register_script(self.ANNOUNCE_LUA)
+        self._join_script = self._redis.register_script(_JOIN)
+        self._epoch = Epoch(self._epoch_changed, self.EPOCH_KEY)
+        self._batched: ScriptCall
+        self._command: CommandCall
+        self._batched, self._command = self._call_paths()
+        self._instance = ""
+        self._on_control: ControlHandler = lambda message: None
+        self._pubsub: Any = None
+        self._listening_now: asyncio.Future[None] | None = None  # done while listening
+        self._listening = False
+        self._listened = False  # has listened at least once
+        self._backoff_s = RECONNECT_BACKOFF_S[0]
+        self._last_canary = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+        # This instance's shares of shared counters: key -> (count, TTL, number of its last
+        # write), and the keys whose last write Redis may not have had.
+        self._shares: dict[str, tuple[int, int, int]] = {}
+        self._share_writes = 0
+        self._unsent: set[str] = set()
+
+    # Hooks of the topology.
+
+    def _open_client(self, settings: Settings) -> Any:
+        """The redis-py client of this topology (connections open when used)."""
         # The rate limits' storage shares it, so it costs no extra connections.
         self.pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url or "",
@@ -372,42 +445,40 @@ class RedisBroker(LocalFanOut):
             retry=Retry(NoBackoff(), 1),
         )
         use_hiredis_packing(self.pool)
-        self._redis = aioredis.Redis(connection_pool=self.pool)
-        self._append = self._redis.register_script(_APPEND)
-        self._finish = self._redis.register_script(_FINISH)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
-        self._claim = self._redis.register_script(_CLAIM)
-        self._count = self._redis.register_script(_COUNT)
-        self._alive = self._redis.register_script(_ALIVE)
-        self._create = self._redis.register_script(_CREATE)
-        self._secret_script = self._redis.register_script(_SECRET)
-        self._secret: bytes | None = None
-        self._add_turn = self._redis.register_script(_ADD_TURN)
-        self._announce = self._redis.register_script(_ANNOUNCE)
-        self._join_script = self._redis.register_script(_JOIN)
-        # Nearly every call goes in the batches, on one connection of the pool; the pub/sub
-        # listener holds another, and replays and the health check use the rest.
-        self._epoch = Epoch(self._epoch_changed)
-        self._batches = Batcher(self.pool, settings.redis_timeout_s, self._epoch)
-        self._batched = self._batches.script  # (script, keys, args) -> future of the reply
-        self._command = self._batches.command  # (*argv) -> future of the reply
-        self._instance = ""
-        self._on_control: ControlHandler = lambda message: None
-        self._pubsub: Any = None
-        self._listening_now: asyncio.Future[None] | None = None  # done while listening
-        self._listening = False
-        self._listened = False  # has listened at least once
-        self._backoff_s = RECONNECT_BACKOFF_S[0]
-        self._last_canary = time.monotonic()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.reconnects = 0
-        # This instance's shares of shared counters: key -> (count, TTL, number of its last
-        # write), and the keys whose last write Redis may not have had.
-        self._shares: dict[str, tuple[int, int, int]] = {}
-        self._share_writes = 0
-        self._unsent: set[str] = set()
+        return aioredis.Redis(connection_pool=self.pool)
+
+    def _call_paths(self) -> tuple[ScriptCall, CommandCall]:
+        """How scripts `(script, keys, args)` and commands `(*argv)` travel to Redis.
+
+        Nearly every call goes in the batches, on one connection of the pool; the pub/sub
+        listener holds another, and replays and the health check use the rest."""
+        self._batches = Batcher(self.pool, self._settings.redis_timeout_s, self._epoch)
+        return self._batches.script, self._batches.command
+
+    async def _close_client(self) -> None:
+        with suppress(Exception):
+            await self._batches.close(CLOSE_TIMEOUT_S)
+        await self._redis.aclose()
+        await self.pool.disconnect()
+
+    def _keys(self, session: str) -> tuple[str, str, str, str]:
+        """The session's meta, log, history and subscribers keys."""
+        return _session_keys(session)
+
+    def _guard(self, session: str) -> tuple[str, int]:
+        """The hash whose `clock` a script that writes `session`'s events checks (`_CURRENT`),
+        and the highest clock this instance saw of it."""
+        return self._epoch.key, self._epoch.clock
+
+    def _finish_keys(self, session: str) -> list[str]:
+        """The keys of FINISH_LUA but the last (the guard's)."""
+        return [*self._keys(session), LEASES, LEASE_DUE]
+
+    def _counter_key(self, key: str) -> str:
+        return key
+
+    def _task_key(self, task: str) -> str:
+        return f"{PREFIX}:task:{task}"
 
     @property
     def epoch(self) -> str:
@@ -433,29 +504,34 @@ class RedisBroker(LocalFanOut):
         if self._pubsub is not None:
             with suppress(Exception):
                 await self._pubsub.aclose()
-        with suppress(Exception):
-            await self._batches.close(CLOSE_TIMEOUT_S)
-        await self._redis.aclose()
-        await self.pool.disconnect()
+        await self._close_client()
 
     async def check(self) -> dict[str, Any]:
-        canary_age_s = round(time.monotonic() - self._last_canary, 3)
+        listening, canary_age_s = self._listener_state()
+        canary_age_s = round(canary_age_s, 3)
         try:
             async with asyncio.timeout(self._settings.redis_timeout_s):
-                await self._redis.ping()
+                await self._ping()
             reachable = True
-        except (RedisError, OSError, TimeoutError):
+        except (RedisError, OSError, TimeoutError, RedisClusterException):
             reachable = False
         return {
-            "ok": reachable and self._listening and canary_age_s < self._canary_deadline_s,
+            "ok": reachable and listening and canary_age_s < self._canary_deadline_s,
             "backend": self.kind,
             "reachable": reachable,
-            "listening": self._listening,
+            "listening": listening,
             "canary_age_s": canary_age_s,
             "reconnects": self.reconnects,
             "epoch": self._epoch.id,
             "local_subscriptions": self.local_subscriptions,
         }
+
+    def _listener_state(self) -> tuple[bool, float]:
+        """Whether this instance hears its channels, and the seconds since its last canary."""
+        return self._listening, time.monotonic() - self._last_canary
+
+    async def _ping(self) -> None:
+        await self._redis.ping()
 
     def stats(self) -> BrokerStats:
         return BrokerStats(reconnects=self.reconnects)
@@ -614,7 +690,7 @@ class RedisBroker(LocalFanOut):
             try:
                 with _unavailable("saying this instance is alive"):
                     args = [self._instance, self._alive_ms]
-                    await self._batched(self._alive, (INSTANCES,), args)
+                    await self._batched(self._alive, (self.INSTANCES,), args)
                 for key in list(self._unsent):
                     await self._send_share(key)
             except BrokerUnavailable:
@@ -628,17 +704,17 @@ class RedisBroker(LocalFanOut):
             with _unavailable("reading the shared secret"):
                 made = secrets.token_hex(32)
                 self._secret = bytes.fromhex(
-                    await self._batched(self._secret_script, (SECRET,), [made])
+                    await self._batched(self._secret_script, (self.SECRET,), [made])
                 )
         return self._secret
 
     async def create_session(self, session: str) -> None:
-        meta, *_ = _session_keys(session)
+        meta, *_ = self._keys(session)
         with _unavailable("creating a session"):
             await self._batched(self._create, (meta,), [self._settings.session_ttl_s])
 
     async def last_seq(self, session: str) -> int | None:
-        meta, *_ = _session_keys(session)
+        meta, *_ = self._keys(session)
         with _unavailable("reading a session"):
             value = await self._command("HGET", meta, "seq")
         return None if value is None else int(value)
@@ -658,9 +734,10 @@ class RedisBroker(LocalFanOut):
 
     async def append(self, session: str, event: dict[str, Any], key: str | None = None) -> Event:
         args = self._event_args(session, event, key)
-        keys = [*_session_keys(session), EPOCH_KEY]
+        guard, clock = self._guard(session)
+        keys = [*self._keys(session), guard]
         with _unavailable("appending an event"):
-            seq = int(await self._batched(self._append, keys, [*args, self._epoch.clock]))
+            seq = int(await self._batched(self._append, keys, [*args, clock]))
         await self._appended(seq)
         return self._logged(session, event, seq, args)
 
@@ -680,11 +757,12 @@ class RedisBroker(LocalFanOut):
         return logged
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:
-        keys = [*_session_keys(session), LEASES, LEASE_DUE, EPOCH_KEY]
+        guard, clock = self._guard(session)
+        keys = [*self._finish_keys(session), guard]
         # The lease's token makes the key: a retried finish returns the seq it got.
         args = [*self._event_args(session, event, f"{lease.token}:done"), _lease_text(lease)]
         with _unavailable("finishing a reply"):
-            seq = int(await self._batched(self._finish, keys, [*args, self._epoch.clock]))
+            seq = int(await self._batched(self._finish, keys, [*args, clock]))
         if seq < 0:
             await self._appended(seq)
         if seq:
@@ -692,7 +770,7 @@ class RedisBroker(LocalFanOut):
         return bool(seq)
 
     async def replay(self, session: str, after: int, max_bytes: int | None = None) -> list[Event]:
-        _, stream, *_ = _session_keys(session)
+        _, stream, *_ = self._keys(session)
         count = None if max_bytes is None else REPLAY_BATCH
         events: list[Event] = []
         left = max_bytes
@@ -721,7 +799,7 @@ class RedisBroker(LocalFanOut):
 
     async def _leave_remote(self, session: str) -> None:
         # If this fails the set's TTL forgets this instance.
-        *_, subs = _session_keys(session)
+        *_, subs = self._keys(session)
         with _unavailable("unsubscribing from a session"):
             await self._command("SREM", subs, self._instance)
 
@@ -734,13 +812,13 @@ class RedisBroker(LocalFanOut):
         await self._join(session)
 
     async def _join(self, session: str) -> None:
-        *_, subs = _session_keys(session)
+        *_, subs = self._keys(session)
         with _unavailable("subscribing to a session"):
             args = [self._instance, self._settings.session_ttl_s]
             await self._batched(self._join_script, (subs,), args)
 
     async def announce(self, session: str, frame: dict[str, Any]) -> None:
-        *_, subs = _session_keys(session)
+        *_, subs = self._keys(session)
         text = encode(frame)
         with _unavailable("announcing to a session"):
             await self._batched(self._announce, (subs,), [text, self._instance, session])
@@ -753,13 +831,13 @@ class RedisBroker(LocalFanOut):
     # Model context.
 
     async def history(self, session: str) -> list[Message]:
-        _, _, hist, _ = _session_keys(session)
+        _, _, hist, _ = self._keys(session)
         with _unavailable("reading history"):
             turns = await self._command("LRANGE", hist, 0, -1)
         return [json.loads(turn) for turn in turns]
 
     async def add_turn(self, session: str, role: str, content: str, key: str | None = None) -> None:
-        meta, _, hist, _ = _session_keys(session)
+        meta, _, hist, _ = self._keys(session)
         turn = json.dumps({"role": role, "content": content})
         args = [turn, -2 * self._settings.history_turns, self._settings.session_ttl_s, key or ""]
         with _unavailable("adding to history"):
@@ -806,7 +884,8 @@ class RedisBroker(LocalFanOut):
         args = [self._instance, self._alive_ms, write, count, ttl_s]
         try:
             with _unavailable("counting"):
-                total = int(await self._batched(self._count, (INSTANCES, key), args))
+                keys = (self.INSTANCES, self._counter_key(key))
+                total = int(await self._batched(self._count, keys, args))
         except BrokerUnavailable:
             if self._shares.get(key, (0, 0, 0))[2] == write:  # no later write of the key since
                 self._unsent.add(key)
@@ -822,12 +901,12 @@ class RedisBroker(LocalFanOut):
     async def put_task(self, task: str, record: dict[str, Any]) -> None:
         with _unavailable("storing a task"):
             await self._redis.set(
-                f"{PREFIX}:task:{task}", json.dumps(record), ex=self._settings.session_ttl_s
+                self._task_key(task), json.dumps(record), ex=self._settings.session_ttl_s
             )
 
     async def get_task(self, task: str) -> dict[str, Any] | None:
         with _unavailable("reading a task"):
-            raw = await self._redis.get(f"{PREFIX}:task:{task}")
+            raw = await self._redis.get(self._task_key(task))
         return None if raw is None else json.loads(raw)
 
 

@@ -55,13 +55,14 @@ class Epoch:
     """This instance's view of the dataset's epoch. `on_change(epoch)` is called when a new one
     began after this instance knew another (not when it learns the first)."""
 
-    def __init__(self, on_change: Callable[[str], None]) -> None:
+    def __init__(self, on_change: Callable[[str], None], key: str = KEY) -> None:
         self.id = ""
         self.clock = 0
+        self.key = key  # the epoch's hash
         self._on_change = on_change
 
     def guard_argv(self) -> tuple[Any, ...]:
-        return ("EVAL", _GUARD, 1, KEY, self.id, self.clock, new_id())
+        return ("EVAL", _GUARD, 1, self.key, self.id, self.clock, new_id())
 
     def guarded(self, reply: Any) -> None:
         """Take the guard's reply; `EpochChanged` when the epoch is not the one known."""
