@@ -16,7 +16,7 @@ from chatbot.fake_openai import FakeOpenAI
 from chatbot.settings import Settings
 
 from .support.frames import FrameReader, seqs, text_of
-from .support.procs import RedisProcess
+from .support.procs import RedisClusterProcess, RedisProcess
 
 __all__ = ["Socket", "ready_sockets", "seqs", "text_of"]
 
@@ -37,6 +37,15 @@ def redis_server() -> Iterator[RedisProcess]:
     server = RedisProcess().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    """One throwaway Redis Cluster (3 masters, 3 replicas) for the test run; tests flush what
+    they need."""
+    cluster = RedisClusterProcess().start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

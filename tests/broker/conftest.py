@@ -11,7 +11,7 @@ import pytest
 from chatbot.broker import Broker, open_broker
 from chatbot.settings import Settings
 
-from ..support.procs import RedisProcess
+from ..support.procs import RedisClusterProcess, RedisProcess
 from ..support.waiting import wait_until
 
 
@@ -29,9 +29,23 @@ class Controls:
         self.messages.put_nowait(message)
 
 
-@pytest.fixture(params=["memory", "redis"])
+SETTINGS = Settings(history_turns=2, session_log_max_events=1000, redis_canary_interval_s=0.2)
+
+
+async def started(settings: Settings, instance: str = "instance-a") -> Broker:
+    """A backend started as the app starts it, once its /readyz would say ok; the control
+    messages it receives in `.controls`."""
+    backend = open_broker(settings)
+    controls = Controls()
+    await backend.start(instance, controls)
+    backend.controls = controls  # type: ignore[attr-defined]
+    await wait_until(lambda: _ready(backend), timeout_s=10)
+    return backend
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    settings = Settings(history_turns=2, session_log_max_events=1000, redis_canary_interval_s=0.2)
+    settings = SETTINGS
     if request.param == "redis":
         server: RedisProcess = request.getfixturevalue("redis_server")
         settings = settings.replace(redis_url=server.url)
@@ -39,10 +53,11 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
 
         async with aioredis.from_url(server.url) as admin:
             await admin.flushall()
-    backend = open_broker(settings)
-    controls = Controls()
-    await backend.start("instance-a", controls)
-    backend.controls = controls  # type: ignore[attr-defined]
-    await wait_until(lambda: _ready(backend))
+    elif request.param == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        settings = settings.replace(redis_url=cluster.url)
+        for master in cluster.masters:
+            master.command("FLUSHALL")
+    backend = await started(settings)
     yield backend
     await backend.close()
