@@ -752,6 +752,7 @@ class RedisClusterBroker(RedisBroker):
     async def _resync(self, sessions: list[str]) -> None:
         """Sessions heard again after a loss: check the epoch, join them again (the shard may
         have lost their `subs` sets), then their sockets re-read the log."""
+        self.reconnects += 1  # a link to the other instances is back
         with suppress(BrokerUnavailable):
             await self._check_epoch()
         backoff = RECONNECT_BACKOFF_S[0]
@@ -767,7 +768,6 @@ class RedisClusterBroker(RedisBroker):
         self._signal_local(RESYNC, sessions)
 
     def _shard_back(self, shard: _Shard) -> None:
-        self.reconnects += 1
         log.info("redis shard %s pub/sub back; its sessions resync", shard.name)
 
     def _message(self, channel: str, data: str) -> None:
