@@ -1,4 +1,5 @@
-"""A real cluster: redis-server, the fake OpenAI server, three chatbot instances, HAProxy."""
+"""A real cluster: Redis (one redis-server, or a Redis Cluster of six), the fake OpenAI server,
+three chatbot instances, HAProxy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import httpx
 import pytest
 
 from ..support.frames import Client, connect, seqs, text_of
-from ..support.procs import ChatbotProcess, FakeOpenAIProcess, HAProxyProcess, RedisProcess
+from ..support.procs import (
+    ChatbotProcess,
+    FakeOpenAIProcess,
+    HAProxyProcess,
+    RedisClusterProcess,
+    RedisProcess,
+)
 from ..support.waiting import wait_until
 
 LEASE_S = 2.0
@@ -19,10 +26,18 @@ pytestmark = pytest.mark.cluster
 
 __all__ = ["Client", "connect", "seqs", "text_of"]
 
+# The Redis deployments the instances can share: `@ON_EVERY_REDIS` runs a test on each.
+REDIS_KINDS = ("redis", "redis+cluster")
+ON_EVERY_REDIS = pytest.mark.parametrize("live", REDIS_KINDS, indirect=True)
+
 
 class Cluster:
-    def __init__(self) -> None:
-        self.redis = RedisProcess(durable=True).start()
+    def __init__(self, redis_kind: str = "redis") -> None:
+        self.redis: RedisProcess | RedisClusterProcess
+        if redis_kind == "redis+cluster":
+            self.redis = RedisClusterProcess().start()
+        else:
+            self.redis = RedisProcess(durable=True).start()
         self.fake = FakeOpenAIProcess("--ttft-ms", "50", "--chunks", "5", "--interval-ms", "20")
         self.fake.start()
         env = {
@@ -47,7 +62,11 @@ class Cluster:
         for instance in self.instances:
             if instance.proc is None or instance.proc.poll() is not None:
                 instance.start()
-        if self.redis.proc is None or self.redis.proc.poll() is not None:
+        if isinstance(self.redis, RedisClusterProcess):
+            for node in self.redis.nodes:
+                if not node.running:
+                    self.redis.restart(node)
+        elif self.redis.proc is None or self.redis.proc.poll() is not None:
             self.redis.start()
 
     async def all_ready(self, timeout_s: float = 20.0) -> None:
@@ -87,9 +106,20 @@ def cluster() -> Iterator[Cluster]:
     cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def sharded_cluster() -> Iterator[Cluster]:
+    """The instances on a Redis Cluster (three masters, three replicas)."""
+    cluster = Cluster("redis+cluster")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-async def live(cluster: Cluster) -> Cluster:
-    """The cluster, with anything a previous test killed started again, all routed to."""
+async def live(request: pytest.FixtureRequest) -> Cluster:
+    """The cluster (on one Redis, or on the Redis `@ON_EVERY_REDIS` names), with anything a
+    previous test killed started again, all routed to."""
+    kind = getattr(request, "param", "redis")
+    cluster: Cluster = request.getfixturevalue("sharded_cluster" if kind != "redis" else "cluster")
     cluster.revive()
     await cluster.all_ready()
     async with httpx.AsyncClient() as client:

@@ -1,4 +1,7 @@
-"""Three instances behind HAProxy act as one server: fan-out, stop, busy, failover, Redis faults."""
+"""Three instances behind HAProxy act as one server: fan-out, stop, busy, failover, Redis faults.
+
+What the instances share Redis for runs on one Redis and on a Redis Cluster (`@ON_EVERY_REDIS`);
+a whole shard's failover and slots moving are in test_failover_and_resharding.py."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import websockets
 from chatbot.fake_openai import parse_prompt, reply_text
 
 from ..support.waiting import wait_until
-from .conftest import LEASE_S, Cluster, connect, seqs, text_of
+from .conftest import LEASE_S, ON_EVERY_REDIS, Cluster, connect, seqs, text_of
 
 pytestmark = pytest.mark.cluster
 
@@ -37,6 +40,7 @@ async def wait_fake_request_ended(cluster: Cluster, n: int) -> dict:
         return reply.json()  # type: ignore[no-any-return]
 
 
+@ON_EVERY_REDIS
 async def test_sockets_of_one_session_on_different_instances_see_the_same_events(
     live: Cluster,
 ) -> None:
@@ -54,6 +58,7 @@ async def test_sockets_of_one_session_on_different_instances_see_the_same_events
                 last += len(seqs(seen[0]))
 
 
+@ON_EVERY_REDIS
 async def test_stop_sent_to_one_instance_stops_the_reply_generating_on_another(
     live: Cluster,
 ) -> None:
@@ -72,6 +77,7 @@ async def test_stop_sent_to_one_instance_stops_the_reply_generating_on_another(
     assert record["chunks_sent"] < 40
 
 
+@ON_EVERY_REDIS
 async def test_a_message_on_another_instance_while_one_streams_is_busy(live: Cluster) -> None:
     one, two, _ = live.instances
     async with connect(one.ws_url) as a, connect(two.ws_url, a.session) as b:
@@ -85,7 +91,11 @@ async def test_a_message_on_another_instance_while_one_streams_is_busy(live: Clu
         await a.until_done()
 
 
-@pytest.mark.parametrize("attempt", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("live", "attempt"),
+    [("redis", 1), ("redis", 2), ("redis", 3), ("redis+cluster", 1)],
+    indirect=["live"],
+)
 async def test_killing_the_instance_holding_a_socket_loses_nothing_on_resume(
     live: Cluster, attempt: int
 ) -> None:
@@ -111,6 +121,7 @@ async def test_killing_the_instance_holding_a_socket_loses_nothing_on_resume(
     assert frames[-1]["reason"] == "stop"
 
 
+@ON_EVERY_REDIS
 async def test_killing_the_generating_instance_ends_the_reply_as_interrupted_in_bounded_time(
     live: Cluster,
 ) -> None:
@@ -172,6 +183,7 @@ async def test_redis_restart_mid_reply_sockets_survive_and_recover_missed_events
     assert text_of(replay) == expected(message, 40) + expected("after the outage", 5)
 
 
+@ON_EVERY_REDIS
 async def test_ask_api_across_instances(live: Cluster) -> None:
     one, two, three = live.instances
     async with httpx.AsyncClient(timeout=5) as http:
