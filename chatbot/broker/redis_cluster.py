@@ -127,6 +127,8 @@ LEASE_BUCKETS: Final = 16
 SWEEP_BATCH: Final = 100  # due entries a bucket yields per sweep
 TOPOLOGY_CHECK_S: Final = 30.0  # the slot map is read again at least this often
 READ_SIZE: Final = 65536
+SEEN_MAX: Final = 10_000  # sessions whose last seq a writer remembers, before it forgets old ones
+SEEN_S: Final = 600.0  # what "old" means then
 # The first word of an error reply to a call that did not run because its slot is elsewhere
 # (or moving, or the cluster is down for now).
 REDIRECTIONS: Final = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
@@ -328,10 +330,18 @@ def _cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     netloc, _, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
     nodes = []
-    for host in hosts.split(","):
-        name, _, port = host.strip().rpartition(":") if ":" in host else (host.strip(), "", "")
-        nodes.append((name.strip("[]"), int(port or 6379)))
-    first = f"{nodes[0][0]}:{nodes[0][1]}"
+    for entry in hosts.split(","):
+        entry = entry.strip()
+        if entry.startswith("["):  # [IPv6]:port
+            name, _, port = entry[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            name, _, port = entry.partition(":")
+        if not name or not (port or "6379").isdigit():
+            raise ValueError(f"REDIS_URL: expected host:port, got {entry!r}")
+        nodes.append((name, int(port or 6379)))
+    host, port = nodes[0]
+    first = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options: dict[str, Any] = dict(parse_url(f"{plain}://{userinfo}{at}{first}/{path}?{query}"))
     for name in ("host", "port", "connection_class"):
         options.pop(name, None)
@@ -542,7 +552,12 @@ class RedisClusterBroker(RedisBroker):
         await super()._appended(seq)
 
     def _logged(self, session: str, event: dict[str, Any], seq: int, args: list[Any]) -> Event:
-        self._seen[session] = (seq, time.monotonic())
+        now = time.monotonic()
+        if len(self._seen) >= SEEN_MAX and session not in self._seen:
+            # Replies that never finished here (another instance closed them): forget the
+            # sessions not written for a while; their guard is only lost, never wrong.
+            self._seen = {s: seen for s, seen in self._seen.items() if now - seen[1] < SEEN_S}
+        self._seen[session] = (seq, now)
         return super()._logged(session, event, seq, args)
 
     async def finish(self, session: str, event: dict[str, Any], lease: Lease) -> bool:

@@ -280,3 +280,41 @@ async def test_a_writer_finding_a_sessions_seq_gone_back_begins_a_new_epoch(
 
 async def _same_epoch(a: Broker, b: Broker) -> bool:
     return a.epoch == b.epoch
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_options() -> None:
+    import ssl
+
+    from chatbot.broker.redis_cluster import RedisClusterBroker
+
+    url = "rediss+cluster://:secret@10.0.0.1:7000, [::1]:7001,redis.example.com?ssl_cert_reqs=none"
+    broker = RedisClusterBroker(Settings(redis_url=url))  # no network: how it would connect
+    nodes = broker._redis.nodes_manager.startup_nodes.values()  # type: ignore[attr-defined]
+    assert sorted(node.name for node in nodes) == [
+        "10.0.0.1:7000",
+        "::1:7001",
+        "redis.example.com:6379",
+    ]
+    connection = next(iter(nodes)).connection_class(**next(iter(nodes)).connection_kwargs)
+    assert connection.ssl_context.cert_reqs == ssl.CERT_NONE
+    assert connection.password == "secret"
+    with pytest.raises(ValueError, match="database 0"):
+        RedisClusterBroker(Settings(redis_url="redis+cluster://10.0.0.1:7000/2"))
+
+
+async def test_the_shard_of_the_shared_keys_coming_back_empty_begins_a_new_epoch(
+    redis_cluster: RedisClusterProcess, two: tuple[Broker, Broker]
+) -> None:
+    """Its epoch, secret and counters are gone: every instance finds out by itself within a
+    canary interval, even one that writes nothing, as with one Redis."""
+    a, b = two
+    epoch, secret = a.epoch, await a.secret()
+    assert b.epoch == epoch
+    master_of(redis_cluster, "chatbot").command("FLUSHALL")
+    await wait_until(lambda: _new_epochs(a, b, epoch))
+    assert a.epoch == b.epoch
+    assert await a.secret() == await b.secret() != secret
+
+
+async def _new_epochs(a: Broker, b: Broker, old: str) -> bool:
+    return old not in (a.epoch, b.epoch)
