@@ -340,8 +340,8 @@ def _cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         if not name or not (port or "6379").isdigit():
             raise ValueError(f"REDIS_URL: expected host:port, got {entry!r}")
         nodes.append((name, int(port or 6379)))
-    host, port = nodes[0]
-    first = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, number = nodes[0]
+    first = f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
     options: dict[str, Any] = dict(parse_url(f"{plain}://{userinfo}{at}{first}/{path}?{query}"))
     for name in ("host", "port", "connection_class"):
         options.pop(name, None)
