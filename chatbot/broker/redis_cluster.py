@@ -170,18 +170,28 @@ def _control_channel(instance: str) -> str:
     return f"{PREFIX}:{{i:{instance}}}:c"
 
 
-_SLOT_TAGS: dict[int, str] = {}
+def _first_hex_in_each_slot() -> tuple[str, ...]:
+    """For each slot, the first hex number (as text) whose slot it is. One pass over 0, 1, 2, ...
+    finds them all (the last at 314,737: ~0.2 s, once, as the module loads); a search per slot
+    took ~16,000 `key_slot` calls (~10 ms of a held event loop) for every session that landed in
+    a slot not seen before, most of an instance's CPU while sessions were new."""
+    tags: dict[int, str] = {}
+    n = 0
+    while len(tags) < REDIS_CLUSTER_HASH_SLOTS:
+        tag = b"%x" % n
+        slot = key_slot(tag)
+        if slot not in tags:
+            tags[slot] = tag.decode()
+        n += 1
+    return tuple(tags[slot] for slot in range(REDIS_CLUSTER_HASH_SLOTS))
+
+
+_SLOT_TAGS: Final = _first_hex_in_each_slot()
 
 
 def _marker(slot: int) -> str:
     """The key that says `slot` holds data: its tag is the first hex number in that slot."""
-    tag = _SLOT_TAGS.get(slot)
-    if tag is None:
-        n = 0
-        while key_slot(b"%x" % n) != slot:
-            n += 1
-        tag = _SLOT_TAGS[slot] = f"{n:x}"
-    return f"{PREFIX}:{{{tag}}}:mark"
+    return f"{PREFIX}:{{{_SLOT_TAGS[slot]}}}:mark"
 
 
 def _slot(session: str) -> int:
