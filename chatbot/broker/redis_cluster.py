@@ -49,6 +49,9 @@ the canary is overdue, as on one Redis. A slot that moves (resharding: Redis uns
 channels) or a shard whose master fails (its replica promoted) moves the channels to the shard
 that now serves them; once they are confirmed there, the instance joins their sessions again
 and their sockets re-read the log (RESYNC), so whatever was published meanwhile is recovered.
+The broker is ready (/readyz) while some master answers and every connection that listens
+hears its canary: a shard failing over is down for every instance alike (as the model service
+is), so it makes none of them unready; /readyz details each shard's connection.
 
 **Calls.** Each shard's calls go in its own pipelined batches (redis_batches.py); a call that
 Redis redirects (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: it did not run) goes again through
@@ -367,6 +370,8 @@ def _redirected(exc: ResponseError) -> bool:
 
 
 class RedisClusterBroker(RedisBroker):
+    """`RedisBroker` on a Redis Cluster (the module docstring says how it spreads)."""
+
     kind = "redis-cluster"
 
     INSTANCES: ClassVar[str] = f"{SHARED}:instances"
@@ -402,6 +407,7 @@ class RedisClusterBroker(RedisBroker):
         self._lost: set[str] = set()
         self._stale = asyncio.Event()  # the slot map may have changed: read it again
         self._topology_read = False
+        self._heard_all = False  # every shard's connection has listened at once
         self._chores: set[asyncio.Task[None]] = set()
 
     # The topology's hooks.
@@ -454,7 +460,21 @@ class RedisClusterBroker(RedisBroker):
         return f"{PREFIX}:task:{{{task}}}"
 
     async def _ping(self) -> None:
-        await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+        """Some master answers (the others may be failing over)."""
+        masters = self._redis.get_primaries()
+        pings = [self._redis.ping(target_nodes=master) for master in masters]
+        answers = await asyncio.gather(*pings, return_exceptions=True)
+        if masters and all(isinstance(answer, BaseException) for answer in answers):
+            raise answers[0]
+
+    async def check(self) -> dict[str, Any]:
+        health = await super().check()
+        now = time.monotonic()
+        health["shards"] = {
+            name: {"listening": shard.listening, "canary_age_s": round(now - shard.last_canary, 3)}
+            for name, shard in self._shards.items()
+        }
+        return health
 
     def rate_limit_storage(self, key_prefix: str) -> RedisClusterStorage:
         """`limits`' cluster storage, its sliding-window scripts riding this broker's batches
@@ -647,10 +667,17 @@ class RedisClusterBroker(RedisBroker):
         await super()._leave_remote(session)
 
     def _listener_state(self) -> tuple[bool, float]:
+        """Listening once every shard's connection has listened (with its channels: this
+        instance's control channel among them), and then while some shard's does; the oldest
+        canary of those that do. A shard that is down is every instance's to report, not this
+        one's."""
         shards = list(self._shards.values())
+        listening = [shard for shard in shards if shard.listening]
+        if not self._heard_all and shards and len(listening) == len(shards):
+            self._heard_all = True
         now = time.monotonic()
-        listening = bool(shards) and all(shard.listening for shard in shards)
-        return listening, max((now - shard.last_canary for shard in shards), default=0.0)
+        age = max((now - shard.last_canary for shard in listening), default=0.0)
+        return self._heard_all and bool(listening), age
 
     async def _listen_forever(self) -> None:
         """Keep one `_Shard` per master and every channel on the shard that serves it: the slot

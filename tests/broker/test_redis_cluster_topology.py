@@ -77,6 +77,14 @@ async def test_a_master_killed_mid_reply_its_replica_takes_over_and_no_event_is_
             await writer.append(session, delta_event("m", f"{n}"), key=f"k{n}")
         master = cluster.node_of_slot(cluster.slot_of(session))
         cluster.kill_master(master)
+
+        async def shard_down() -> bool:
+            shards = (await reader.check())["shards"]
+            return not shards.get(master.address, {}).get("listening")
+
+        # The shard is down for every instance alike: the others serve on, and it stays ready.
+        await wait_until(shard_down, timeout_s=10)
+        assert (await reader.check())["ok"]
         for n in range(5, 10):  # while its replica takes over
             await append_riding_out(writer, session, f"{n}", f"k{n}")
         successor = cluster.wait_failover()
