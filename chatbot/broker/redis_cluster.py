@@ -738,6 +738,8 @@ class RedisClusterBroker(RedisBroker):
             for channel in shard.confirmed:
                 self._channel_lost(channel)
             shard.task.cancel()
+            self._chores.add(shard.task)  # held until it has closed its connection
+            shard.task.add_done_callback(self._chores.discard)
 
     def _want(self, channel: str, session: str | None) -> asyncio.Future[None]:
         """Hear `channel` (for `session`'s sockets); done once its shard confirmed it."""
