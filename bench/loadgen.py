@@ -139,8 +139,10 @@ async def ws_session(cfg: Config, index: int, t_start: float, res: Results) -> N
     try:
         async with asyncio.timeout(cfg.deadline_s - (t0 - t_start)):
             session = await _open(cfg, cfg.url, Conversation(cfg, index, t0, res))
+            # The connection is made; its handshake's answer and `ready` may still be on their
+            # way (a message sent before them is refused by the client protocol).
+            await session.ready
             if cfg.follow_url is not None:
-                await session.ready
                 url = f"{cfg.follow_url}?session={session.session}"
                 follower = await _open(cfg, url, Follower(cfg, index, t0, res, url))
                 await follower.ready
