@@ -336,3 +336,39 @@ def test_a_slots_marker_costs_no_search_when_a_session_first_lands_in_it() -> No
         tag = markers[slot].split("{")[1].split("}")[0]
         assert key_slot(markers[slot].encode()) == slot
         assert all(key_slot(b"%x" % n) != slot for n in range(int(tag, 16)))
+
+
+async def test_unknown_sessions_are_no_data_loss(two: tuple[Broker, Broker]) -> None:
+    """Sessions never stored, in slots that hold others or in slots that never held any, read
+    as unknown and begin no epoch; nor does a session being created while another instance
+    looks one up in the same fresh slot."""
+    a, b = two
+    epoch = a.epoch
+    for n in range(50):
+        await a.create_session(f"stored-{n}")
+    assert [await b.last_seq(f"never-{n}") for n in range(200)] == [None] * 200
+    fresh = [f"fresh-{n}" for n in range(50)]
+    await asyncio.gather(
+        *(a.create_session(session) for session in fresh),
+        *(b.last_seq(session) for session in fresh),
+    )
+    assert [await b.last_seq(session) for session in fresh] == [0] * 50
+    assert a.epoch == b.epoch == epoch
+
+
+async def test_appends_survive_a_shard_losing_its_scripts(
+    redis_cluster: RedisClusterProcess, two: tuple[Broker, Broker]
+) -> None:
+    """A master that restarted (or a replica promoted) may not know the scripts: the calls it
+    refuses did not run, so they are loaded on it and sent again, once each."""
+    a, _ = two
+    await a.create_session("flushed")
+    assert (await a.append("flushed", delta_event("m", "a"))).seq == 1
+    for master in redis_cluster.masters:
+        master.command("SCRIPT", "FLUSH")
+    async with asyncio.timeout(5):
+        appended = await asyncio.gather(
+            *(a.append("flushed", delta_event("m", "b")) for _ in range(3))
+        )
+    assert sorted(e.seq for e in appended) == [2, 3, 4]
+    assert [e.seq for e in await a.replay("flushed", 0)] == [1, 2, 3, 4]
