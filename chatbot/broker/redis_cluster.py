@@ -102,7 +102,7 @@ from redis.exceptions import ResponseError
 from .. import metrics
 from ..errors import BrokerUnavailable
 from ..patches.limits import batch_sliding_window_scripts
-from ..patches.redis import pack_command, streams
+from ..patches.redis import ask_on_one_connection, pack_command, streams
 from ..protocol import new_id
 from ..settings import Settings
 from .base import RESYNC, Broker, Event, Lease, cancelling
@@ -420,6 +420,7 @@ class RedisClusterBroker(RedisBroker):
             **self._options,
         }
         nodes = [ClusterNode(host, port) for host, port in self._nodes]
+        ask_on_one_connection()  # or a call on a key of a slot being moved fails (patches/redis)
         # The shards that are up serve their slots while another fails over.
         return RedisCluster(
             startup_nodes=nodes, decode_responses=True, require_full_coverage=False, **options

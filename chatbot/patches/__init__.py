@@ -5,7 +5,8 @@
 - `limits`: the in-process storage's sweep, paced; the Redis storage's sliding-window scripts
   run in the broker's pipelined batches;
 - `redis`: commands packed by hiredis on asyncio connections; the batches' direct use of a
-  connection's streams.
+  connection's streams; the asyncio cluster client's `ASKING` on the redirected command's
+  connection.
 
 Each module names, in its FINGERPRINTS, the upstream source each patch replaces or relies on,
 as read when it was written. `verify()` (called by `chatbot serve` before it serves) refuses to

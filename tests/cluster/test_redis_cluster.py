@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from chatbot.patches.redis import ask_on_one_connection
+
 from ..support.procs import RedisClusterProcess
 
 pytestmark = pytest.mark.cluster
@@ -117,3 +119,44 @@ async def test_slots_move_to_another_master_with_their_keys(
     assert target.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 5
     async with asyncio.timeout(10):
         assert [await client.get(key) for key in tagged] == [key.upper() for key in tagged]
+
+
+async def test_a_key_already_moved_is_read_through_ask_with_many_pooled_connections(
+    redis_cluster: RedisClusterProcess, client: RedisCluster
+) -> None:
+    """While its slot moves, a key already on the new master is read there (ASK): redis-py
+    sends `ASKING` and the command on one connection (chatbot/patches/redis.py). Unpatched, they
+    went on two, and with an even number of free connections to that master the read failed
+    with "TTL exhausted"."""
+    ask_on_one_connection()
+    slot = redis_cluster.slot_of("asked")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(m for m in redis_cluster.masters if m is not source)
+    keys = ["{asked}:a", "{asked}:b"]
+    for key in keys:
+        await client.set(key, key.upper())
+    elsewhere = (f"k{n}" for n in range(10_000))
+    other = next(
+        k for k in elsewhere if redis_cluster.node_of_slot(redis_cluster.slot_of(k)) is target
+    )
+    # Ten connections to the target: ASKING and the command, each on the next free one, never
+    # meet on one with an even number (with an odd one, they do after a few rounds).
+    await asyncio.gather(*(client.get(other) for _ in range(10)))
+    loop = asyncio.get_running_loop()
+    reads: list[list[str | None]] = []
+
+    async def read() -> list[str | None]:
+        async with asyncio.timeout(5):
+            return [await client.get(key) for key in keys]
+
+    def read_half_moved() -> None:
+        reads.append(asyncio.run_coroutine_threadsafe(read(), loop).result())
+
+    await asyncio.to_thread(
+        redis_cluster.migrate_slots,
+        [slot],
+        target,
+        keys_per_call=1,
+        after_each_call=read_half_moved,
+    )
+    assert reads == [[key.upper() for key in keys]] * 2
