@@ -34,8 +34,9 @@ STREAM = "[[fake:chunks=80]] [[fake:interval_ms=50]]"  # a reply of about 4 s
 LONGER = "[[fake:chunks=120]] [[fake:interval_ms=50]]"  # 6 s: three slots move meanwhile
 FRAME_TIMEOUT_S = 20.0
 PROMOTED_WITHIN_S = 10.0  # from the kill: a node timeout (1 s), the failure report, the election
-# Deltas come every 50 ms: a socket of another shard that waited this long was disturbed.
-UNDISTURBED_PAUSE_S = 1.0
+# Deltas come every 50 ms: a socket of another shard that waited this long was disturbed
+# (a failover takes 2 s or more).
+UNDISTURBED_PAUSE_S = 1.5
 SERVED_WITHIN_S = 5.0  # from the promotion: the whole reply to a message sent in the outage
 
 
@@ -220,30 +221,32 @@ def session_slot(redis: RedisClusterProcess, session: str) -> int:
     return slots.pop()
 
 
+async def open_session(stack: AsyncExitStack, deployment: Deployment, n: int) -> Session:
+    """A new session with a socket on each instance, stored (its first reply, through the
+    instance `n % 2`)."""
+    one, two = deployment.instances
+    first = await stack.enter_async_context(connect(one.ws_url))
+    second = await stack.enter_async_context(connect(two.ws_url, first.session))
+    texts: dict[str, str] = {}
+    session = Session([Tracked(first, texts), Tracked(second, texts)], texts)
+    assert await session.reply("hello", f"hello {n}", via=n % 2) == "stop"
+    session.slot = await asyncio.to_thread(session_slot, deployment.redis, session.id)
+    return session
+
+
 async def open_sessions(
     stack: AsyncExitStack, deployment: Deployment, per_shard: int
 ) -> list[Session]:
-    """Sessions with a socket on each instance, stored (one short reply each), until every
-    shard holds at least `per_shard` of them."""
-    one, two = deployment.instances
+    """New sessions until every shard holds at least `per_shard` of them."""
     sessions: list[Session] = []
-
-    async def open_one(n: int) -> Session:
-        first = await stack.enter_async_context(connect(one.ws_url))
-        second = await stack.enter_async_context(connect(two.ws_url, first.session))
-        texts: dict[str, str] = {}
-        session = Session([Tracked(first, texts), Tracked(second, texts)], texts)
-        assert await session.reply("hello", f"hello {n}", via=n % 2) == "stop"
-        session.slot = await asyncio.to_thread(session_slot, deployment.redis, session.id)
-        return session
-
     masters = {master.port for master in deployment.redis.masters}
     while True:
         shards = Counter(deployment.redis.node_of_slot(s.slot).port for s in sessions)
         if set(shards) == masters and min(shards.values()) >= per_shard:
             return sessions
         assert len(sessions) < 40, f"sessions by shard: {shards}"
-        sessions += await asyncio.gather(*(open_one(len(sessions) + n) for n in range(3)))
+        batch = range(len(sessions), len(sessions) + 3)
+        sessions += await asyncio.gather(*(open_session(stack, deployment, n) for n in batch))
 
 
 async def serve_again(
@@ -324,6 +327,20 @@ async def test_a_master_killed_mid_reply_ends_every_reply_and_its_replica_serves
     await idle.streaming("stopped")
     await idle.sockets[1].client.send({"type": "stop"})
     assert await idle.ended("stopped") == ["cancelled", "cancelled"]
+    # The old master comes back, as its successor's replica, while the shard streams.
+    for n, session in enumerate(hit):
+        await session.send("back", f"the old master returns {n} {STREAM}", via=n % 2)
+    await asyncio.gather(*(s.streaming("back") for s in hit))
+    rejoin = asyncio.ensure_future(asyncio.to_thread(redis.restart, victim))
+    try:
+        backs = await asyncio.gather(*(s.ended("back") for s in hit))
+        await rejoin
+    finally:
+        rejoin.cancel()
+    assert backs == [["stop", "stop"]] * len(hit), backs
+    assert redis.replicas_of(redis.node_of_slot(idle.slot)) == [victim]
+    rejoin_pause = max(s.longest_pause_s("back") for s in hit)
+    assert rejoin_pause < UNDISTURBED_PAUSE_S, rejoin_pause
     problems = [p for s in sessions for p in s.problems]
     assert not problems, problems
     hit_seen = sum((s.seen for s in hit), Counter())
