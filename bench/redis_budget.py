@@ -42,6 +42,7 @@ PAIRS = {"chatbot-pair-redis": "single", "chatbot-pair-cluster": "cluster"}
 CLUSTER_MASTERS = 3
 CLUSTER_REPLICAS = 1  # per master, as a cluster that survives a master's failure runs
 PUBLISHES = ("publish", "spublish")
+SCRIPTS = ("evalsha", "eval")
 OWN_CALLS = ("info", "client|setinfo", "dbsize")
 
 
@@ -62,6 +63,8 @@ class NodeCounts:
     master: bool
     cpu_s: float
     calls: Counter[str]  # INFO commandstats: calls by command, the scripts' commands included
+    usec: Counter[str]  # INFO commandstats: microseconds running each command (a script's
+    # include those of the commands it runs)
     net_in: int  # bytes read from clients (total_net_input_bytes)
     net_out: int  # bytes written to clients (Redis 7.0's total_net_output_bytes less replication)
     repl_out: int  # bytes written to replicas
@@ -77,11 +80,13 @@ class NodeCounts:
             commands = client.info("commandstats")
             keys = client.dbsize()
         calls = Counter({name.removeprefix("cmdstat_"): v["calls"] for name, v in commands.items()})
+        usec = Counter({name.removeprefix("cmdstat_"): v["usec"] for name, v in commands.items()})
         return cls(
             port=node.port,
             master=node.master,
             cpu_s=Usage.of_pids([node.pid]).cpu_s,
             calls=calls,
+            usec=usec,
             net_in=int(stats["total_net_input_bytes"]),
             net_out=int(stats["total_net_output_bytes"])
             - int(stats["total_net_repl_output_bytes"]),
@@ -94,6 +99,8 @@ class NodeCounts:
     def since(self, before: NodeCounts) -> dict[str, Any]:
         calls = self.calls.copy()
         calls.subtract(before.calls)
+        usec = self.usec.copy()
+        usec.subtract(before.usec)
         for own in OWN_CALLS:  # the snapshots' (chatbot sends neither)
             calls.pop(own, None)
         return {
@@ -101,6 +108,7 @@ class NodeCounts:
             "master": self.master,
             "cpu_s": self.cpu_s - before.cpu_s,
             "calls": {name: n for name, n in calls.items() if n > 0},
+            "script_usec": sum(usec[name] for name in SCRIPTS),
             "net_in_bytes": self.net_in - before.net_in,
             "net_out_bytes": self.net_out - before.net_out,
             "repl_out_bytes": self.repl_out - before.repl_out,
@@ -185,6 +193,7 @@ def window(before: Iterable[NodeCounts], after: Iterable[NodeCounts]) -> dict[st
         "redis_shards": masters,
         "redis_calls": dict(calls.most_common()),
         "redis_publishes": sum(calls[name] for name in PUBLISHES),
+        "redis_script_usec": sum(n["script_usec"] for n in masters),
         "redis_net_in_bytes": sum(n["net_in_bytes"] for n in masters),
         "redis_net_out_bytes": sum(n["net_out_bytes"] for n in masters),
         "redis_repl_out_bytes": sum(n["repl_out_bytes"] for n in masters),
@@ -208,6 +217,7 @@ def budget(row: dict[str, Any]) -> str:
         f"{events:.1f} logged events per reply, {row['wall_s']:.1f} s",
         f"  per reply: {sum(row['redis_calls'].values()) / replies:.1f} calls, "
         f"{row['redis_calls'].get('evalsha', 0) / replies:.1f} scripts (evalsha), "
+        f"{row['redis_script_usec'] / replies:.0f} µs running scripts, "
         f"{row['redis_publishes'] / replies:.1f} publishes, "
         f"{row['redis_net_in_bytes'] / replies:,.0f} bytes in, "
         f"{row['redis_net_out_bytes'] / replies:,.0f} bytes out "
