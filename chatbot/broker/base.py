@@ -133,7 +133,8 @@ class Subscription:
 
     def push(self, item: Item) -> None:
         """Deliver without waiting: the dispatcher must never block on one slow consumer."""
-        size = _size(item)
+        # An event, nearly always: its size without a call.
+        size = len(item.frame) if type(item) is Event else _size(item)
         if self._bytes + size > self.max_bytes:
             if not self.overflowed.done():
                 self.overflowed.set_result(None)
@@ -141,21 +142,33 @@ class Subscription:
         self._bytes += size
         self._items.append(item)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def get(self) -> Item:
+    def pop(self) -> Item | None:
+        """The next item, or None while there is none (`wait` for one)."""
         if not self._out:
-            while not self._items:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+            if not self._items:
+                return None
             self._items.reverse()
             self._out, self._items = self._items, self._out
         item = self._out.pop()
-        self._bytes -= _size(item)
+        self._bytes -= len(item.frame) if type(item) is Event else _size(item)
+        return item
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future done when an item arrives. A consumer that awaits it and then pops costs
+        one future per wait, with no coroutine around it."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    async def get(self) -> Item:
+        while (item := self.pop()) is None:
+            await self.wait()
         return item
 
     @property

@@ -79,41 +79,63 @@ class Feed:
 
     async def __anext__(self) -> str:
         while True:
-            if cancelling():
-                # A cancellation that a client library swallowed below us (redis-py can, mid
-                # command) must still end the feed, or the socket's sender waits forever.
-                raise asyncio.CancelledError
+            got = self.step()
+            if isinstance(got, str):
+                return got
+            if got is None:
+                raise StopAsyncIteration
+            await got
+
+    def step(self) -> str | Awaitable[object] | None:
+        """What comes next, without waiting: a frame to send, None at the end, or something to
+        await before stepping again (the next live event, a read of the log).
+
+        The socket's sender steps the feed itself: a delta then costs it one wait on a future,
+        where iterating cost a coroutine for every layer (docs/benchmarks.md)."""
+        while True:
             if self._notices:
                 notice = self._notices.pop()
-                if notice is _END:
-                    raise StopAsyncIteration
-                return notice
+                return None if notice is _END else notice
             if self._backlog:
                 event = self._backlog.pop()
                 if event.seq > self.last_seq:
                     return self._sent(event)
                 continue
             if self._replay_needed:
-                page, self._replay_needed = await self._replay()
-                self._backlog = page[::-1]
-                continue
-            item = await self._sub.get()
-            if item is _END:
-                raise StopAsyncIteration
-            if isinstance(item, str):
-                return item
-            if item is RESYNC:
-                self._replay_needed = True
-            elif item is NEW_EPOCH:
-                await self._start_over()
-            elif isinstance(item, Event) and item.seq > self.last_seq:
+                return self._next_page()
+            item = self._sub.pop()
+            if item is None:
+                return self._sub.wait()
+            if isinstance(item, Event):
                 if item.seq == self.last_seq + 1:
                     return self._sent(item)
-                # A gap: fetch it from the log. The log holds `item` too (events are logged
-                # before they are published); if it was trimmed meanwhile, `item` still follows
-                # (unless more pages follow: the log's later pages hold it).
-                page, self._replay_needed = await self._replay()
-                self._backlog = page[::-1] if self._replay_needed else [item, *reversed(page)]
+                if item.seq > self.last_seq:
+                    return self._fill_gap(item)
+            elif item is _END:
+                return None
+            elif isinstance(item, str):
+                return item
+            elif item is RESYNC:
+                self._replay_needed = True
+            elif item is NEW_EPOCH:
+                return self._starting_over()
+
+    async def _next_page(self) -> None:
+        page, self._replay_needed = await self._replay()
+        self._backlog = page[::-1]
+        _check_cancelled()
+
+    async def _fill_gap(self, item: Event) -> None:
+        """`item` skipped ahead: fetch the gap from the log. The log holds `item` too (events
+        are logged before they are published); if it was trimmed meanwhile, `item` still follows
+        (unless more pages follow: the log's later pages hold it)."""
+        page, self._replay_needed = await self._replay()
+        self._backlog = page[::-1] if self._replay_needed else [item, *reversed(page)]
+        _check_cancelled()
+
+    async def _starting_over(self) -> None:
+        await self._start_over()
+        _check_cancelled()
 
     def _sent(self, event: Event) -> str:
         self.last_seq = event.seq
@@ -167,6 +189,14 @@ class Feed:
                 log.warning("replay for session %s… waits for the broker", self._sub.session[:6])
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REPLAY_RETRY_S[1])
+
+
+def _check_cancelled() -> None:
+    """After a read of the log: a cancellation that a client library swallowed below us
+    (redis-py can, mid command) must still end the feed, or the socket's sender waits forever.
+    (Only the broker's reads can swallow one: the feed's own waits are on its futures.)"""
+    if cancelling():
+        raise asyncio.CancelledError
 
 
 @asynccontextmanager

@@ -82,8 +82,8 @@ class Client:
     async def accept(self) -> None:
         await self._send({"type": "websocket.accept", "subprotocol": self.subprotocol})
 
-    async def send(self, text: str) -> None:
-        await self._send({"type": "websocket.send", "text": text})
+    def send(self, text: str) -> Awaitable[None]:
+        return self._send({"type": "websocket.send", "text": text})
 
     async def receive(self) -> str | bytes | None:
         """The next frame's text (or bytes), None for a WebSocket ping or pong from the client
@@ -295,9 +295,10 @@ async def _first_to_end(
 
 
 async def _send_all(client: Client, feed: Feed) -> None:
-    send = client.send
-    async for frame in feed:
-        await send(frame)
+    """Send the feed's frames until it ends, awaiting what it asks for between them (`step`)."""
+    send, step = client.send, feed.step
+    while (got := step()) is not None:
+        await (send(got) if isinstance(got, str) else got)
 
 
 async def _receive_all(
