@@ -5,6 +5,7 @@ refuses to start, instead of the patch quietly doing nothing or breaking."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import sys
 
@@ -68,3 +69,18 @@ def test_the_redis_scripts_that_join_the_batches_still_exist() -> None:
     for name in BATCHED_SCRIPTS:
         script = getattr(storage.bridge, name)
         assert script.sha and script.script  # what the batches run (`EVALSHA`) and reload
+
+
+def test_the_in_process_storage_calls_its_methods_without_the_error_wrappers() -> None:
+    """`limits` wraps each storage method in a coroutine that only re-raises for a storage made
+    without `wrap_exceptions`; the in-process one is called without them (36 calls per reply).
+    An upgrade that wraps them another way fails here (and the fingerprint of `_wrap_errors`)."""
+    from limits.aio.storage import MemoryStorage
+
+    from chatbot.patches.limits import WRAPPED_METHODS, paced_memory_storage
+
+    storage = paced_memory_storage()
+    for name in WRAPPED_METHODS:
+        wrapped = getattr(MemoryStorage, name)
+        assert hasattr(wrapped, "__wrapped__")  # as `limits` wraps them
+        assert getattr(storage, name).__func__ is inspect.unwrap(wrapped)

@@ -2,8 +2,8 @@
 
 - `hypercorn`: Hypercorn's WebSocket stream and wsproto's frame decoder (frame size, deflate
   bombs, close frames, pings, reference cycles);
-- `limits`: the in-process storage's sweep, paced; the Redis storage's sliding-window scripts
-  run in the broker's pipelined batches;
+- `limits`: the in-process storage's sweep, paced, and its methods unwrapped; the Redis
+  storage's sliding-window scripts run in the broker's pipelined batches;
 - `redis`: commands packed by hiredis on asyncio connections; the batches' direct use of a
   connection's streams; the asyncio cluster client's `ASKING` on the redirected command's
   connection.

@@ -1,13 +1,16 @@
-"""The `limits` library's storages: the in-process one's sweep paced, the Redis one's
-sliding-window scripts run by the caller (the broker's pipelined batches)."""
+"""The `limits` library's storages: the in-process one's sweep paced and its methods called
+without error wrappers, the Redis one's sliding-window scripts run by the caller (the broker's
+pipelined batches)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from types import MethodType
 from typing import Any, Final
 
 from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import base as storage_base
 from limits.aio.storage.redis.redispy import RedispyBridge
 
 from . import changed
@@ -17,6 +20,7 @@ from . import changed
 # registration and calls of the two sliding-window scripts.
 FINGERPRINTS: Final = {
     "limits MemoryStorage": "4fa7eab674390e74",
+    "limits _wrap_errors": "2283ba5d5691e484",
     "limits RedispyBridge.register_scripts": "cb180d21d673ea32",
     "limits RedispyBridge.get_sliding_window": "18ea4e91826ea2a0",
     "limits RedispyBridge.acquire_sliding_window_entry": "3b05653089adf5ba",
@@ -28,6 +32,7 @@ BATCHED_SCRIPTS: Final = ("lua_sliding_window", "lua_acquire_sliding_window")
 def _upstream() -> dict[str, Any]:
     return {
         "limits MemoryStorage": MemoryStorage,
+        "limits _wrap_errors": storage_base._wrap_errors,
         "limits RedispyBridge.register_scripts": RedispyBridge.register_scripts,
         "limits RedispyBridge.get_sliding_window": RedispyBridge.get_sliding_window,
         "limits RedispyBridge.acquire_sliding_window_entry": (
@@ -41,6 +46,20 @@ def changed_upstream() -> list[str]:
 
 
 SWEEP_INTERVAL_S: Final = 10.0  # of the in-process storage's expired keys
+# The storage methods `limits` wraps to turn a backend's errors into its StorageError.
+WRAPPED_METHODS: Final = (
+    "incr",
+    "get",
+    "get_expiry",
+    "check",
+    "reset",
+    "clear",
+    "acquire_entry",
+    "get_moving_window",
+    "acquire_sliding_window_entry",
+    "get_sliding_window",
+    "clear_sliding_window",
+)
 
 
 def paced_memory_storage() -> MemoryStorage:
@@ -67,7 +86,32 @@ def paced_memory_storage() -> MemoryStorage:
             await sweep()
 
     storage._MemoryStorage__schedule_expiry = paced  # type: ignore[attr-defined]
+    _unwrap_errors(storage)
     return storage
+
+
+async def _any() -> None:
+    """(Only wrapped, to know the wrapper's code.)"""
+
+
+_WRAPPER: Final = storage_base._wrap_errors(_any).__code__
+
+
+def _unwrap_errors(storage: MemoryStorage) -> None:
+    """`storage`'s methods without `limits`' error wrappers, on the instance.
+
+    `limits` wraps every storage method in a coroutine (`_wrap_errors`) that turns the backend's
+    errors into its StorageError when `wrap_exceptions` is set, once for every class that
+    declares the method (twice for the sliding window's): a coroutine and ~20 bytecodes per
+    call, 36 calls per reply. The in-process storage has no backend to fail and is made without
+    `wrap_exceptions`, where the wrapper only re-raises what it caught."""
+    if storage.wrap_exceptions:
+        return
+    for name in WRAPPED_METHODS:
+        method = getattr(type(storage), name)
+        while method.__code__ is _WRAPPER:
+            method = method.__wrapped__
+        setattr(storage, name, MethodType(method, storage))
 
 
 ScriptRunner = Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]
