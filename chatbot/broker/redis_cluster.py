@@ -96,8 +96,8 @@ from limits.aio.storage import RedisClusterStorage
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import ClusterError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from .. import metrics
 from ..errors import BrokerUnavailable
@@ -129,6 +129,7 @@ SHARED: Final = f"{PREFIX}:{{chatbot}}"  # the keys every instance shares, in on
 LEASE_BUCKETS: Final = 16
 SWEEP_BATCH: Final = 100  # due entries a bucket yields per sweep
 TOPOLOGY_CHECK_S: Final = 30.0  # the slot map is read again at least this often
+TRY_AGAIN_S: Final = 0.05  # between tries of a call on a slot being moved (TRYAGAIN)
 READ_SIZE: Final = 65536
 SEEN_MAX: Final = 10_000  # sessions whose last seq a writer remembers, before it forgets old ones
 SEEN_S: Final = 600.0  # what "old" means then
@@ -517,7 +518,7 @@ class RedisClusterBroker(RedisBroker):
             except (RedisConnectionError, OSError):
                 self._topology_changed()  # its master may have failed over
                 raise
-        return await self._redis.eval(script.script, len(keys), *keys, *args)
+        return await self._redirected(self._redis.eval, script.script, len(keys), *keys, *args)
 
     async def _command_call(self, *argv: Any) -> Any:
         # EVAL's key follows the script and the number of keys.
@@ -533,7 +534,23 @@ class RedisClusterBroker(RedisBroker):
             except (RedisConnectionError, OSError):
                 self._topology_changed()
                 raise
-        return await self._redis.execute_command(*argv)
+        return await self._redirected(self._redis.execute_command, *argv)
+
+    async def _redirected(self, call: Any, *argv: Any) -> Any:
+        """`call(*argv)` through redis-py's cluster client, which follows MOVED and ASK. While a
+        slot moves, a call on its keys split between the two masters is answered TRYAGAIN (it
+        did not run) until the last of them moved; redis-py gives up after about 0.4 s
+        ("TTL exhausted"), so it is tried again, up to REDIS_TIMEOUT_S."""
+        deadline = time.monotonic() + self._settings.redis_timeout_s
+        while True:
+            try:
+                return await call(*argv)
+            except ClusterError as exc:
+                # Only "TTL exhausted" itself: its subclasses (CLUSTERDOWN, a master down) are
+                # a failover, which fails fast as a down Redis does.
+                if type(exc) is not ClusterError or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(TRY_AGAIN_S)
 
     # Sessions, and the epoch of each shard's data (module docstring, "Epoch").
 
