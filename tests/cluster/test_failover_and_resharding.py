@@ -418,3 +418,54 @@ async def test_live_sessions_slots_move_to_another_master_mid_reply(
         f"{begun_s:.1f} s to {moved_s:.1f} s into replies that ended at {ended_s:.1f} s; "
         f"longest pause between deltas {moving_pause:.2f} s moving, {still_pause:.2f} s not"
     )
+
+
+async def test_the_slot_every_instance_shares_moves_mid_reply_unnoticed(
+    whole: Deployment, stack: AsyncExitStack
+) -> None:
+    """The `{chatbot}` slot (the instances' liveness, counters, the secret that signs new
+    session ids, the epoch) moves to another master while sessions stream and new ones open:
+    nothing is refused, cut short or resynced."""
+    redis = whole.redis
+    sessions = await open_sessions(stack, whole, per_shard=1)
+    slot = redis.slot_of("{chatbot}")
+    source = redis.node_of_slot(slot)
+    target = next(master for master in redis.masters if master is not source)
+    keys = int(source.command("CLUSTER", "COUNTKEYSINSLOT", slot))
+    for n, session in enumerate(sessions):
+        await session.send("long", f"through the move {n} {LONGER}", via=n % 2)
+    await asyncio.gather(*(s.streaming("long") for s in sessions))
+
+    def half_moved() -> None:
+        time.sleep(0.2)  # the slot stays half moved a while: its keys are on both masters
+
+    migration = asyncio.ensure_future(
+        asyncio.to_thread(
+            redis.migrate_slots, [slot], target, keys_per_call=1, after_each_call=half_moved
+        )
+    )
+    newcomers: list[Session] = []
+    replies = asyncio.ensure_future(
+        asyncio.gather(*(s.ended("long", timeout_s=60) for s in sessions))
+    )
+    try:
+        while not migration.done():  # new sessions, each stored and answered, during the move
+            newcomers.append(await open_session(stack, whole, len(sessions) + len(newcomers)))
+        endings = await replies
+        await migration
+    finally:
+        migration.cancel()
+        replies.cancel()
+    problems = [p for s in (*sessions, *newcomers) for p in s.problems]
+    assert not problems, problems
+    assert endings == [["stop", "stop"]] * len(sessions), endings
+    assert not any(s.seen["resync"] for s in (*sessions, *newcomers))
+    assert redis.node_of_slot(slot) is target
+    assert source.command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    pause = max(s.longest_pause_s("long") for s in sessions)
+    assert pause < UNDISTURBED_PAUSE_S, pause
+    await wait_ready(whole.instances, 1)
+    print(
+        f"\nshared slot moved ({keys} keys): {len(sessions)} sessions streaming, "
+        f"{len(newcomers)} opened meanwhile; longest pause between deltas {pause:.2f} s"
+    )
