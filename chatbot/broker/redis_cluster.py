@@ -40,7 +40,9 @@ and lives in one of them: on the usual even split, mostly on the shard of its se
 sweep reads each bucket's entries past their deadline and runs the claim script in each
 session's own slot, which decides there: an expired lease is claimed, a renewed one has its
 entry moved to its new deadline, an entry with no lease behind it is dropped (only if nobody
-wrote it meanwhile). Renewals and releases touch only the session's slot.
+wrote it meanwhile). Renewals and releases touch only the session's slot. A bucket lost with
+its shard's data is refilled as leases are taken again: the new epoch that loss begins ends
+every reply, and so releases the leases the bucket indexed.
 
 **Fan-out, per shard.** One pub/sub connection per shard (master) per process, whatever the
 number of sockets: it holds the channels of this instance's sessions on that shard, and a canary
