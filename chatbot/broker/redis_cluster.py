@@ -387,7 +387,8 @@ class RedisClusterBroker(RedisBroker):
 
     def __init__(self, settings: Settings) -> None:
         self._nodes, self._options = _cluster_url(settings.redis_url or "")
-        self._batchers: dict[str, Batcher] = {}  # by node name
+        # By node name: each master's batcher, and the pool its connection comes from.
+        self._batchers: dict[str, tuple[Batcher, aioredis.ConnectionPool]] = {}
         super().__init__(settings)
         register = self._redis.register_script
         self._publish = register(_PUBLISH)
@@ -441,9 +442,10 @@ class RedisClusterBroker(RedisBroker):
         waiting = [shard.task for shard in shards] + list(self._chores)
         if waiting:
             await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT_S)
-        for batcher in self._batchers.values():
+        for batcher, pool in self._batchers.values():
             with suppress(Exception):
                 await batcher.close(CLOSE_TIMEOUT_S)
+                await pool.disconnect()
         await self._redis.aclose()
 
     def _keys(self, session: str) -> tuple[str, str, str, str]:
@@ -500,13 +502,12 @@ class RedisClusterBroker(RedisBroker):
         if not nodes:
             return None  # the slot map is not read yet (or the slot is not served)
         node = nodes[0]
-        batcher = self._batchers.get(node.name)
-        if batcher is None:
+        if node.name not in self._batchers:
             pool = aioredis.ConnectionPool(
                 connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
             )
-            batcher = self._batchers[node.name] = Batcher(pool, self._settings.redis_timeout_s)
-        return batcher
+            self._batchers[node.name] = Batcher(pool, self._settings.redis_timeout_s), pool
+        return self._batchers[node.name][0]
 
     async def _script_call(self, script: Any, keys: Sequence[str], args: list[Any]) -> Any:
         batcher = self._batcher(keys[0])
