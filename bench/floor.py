@@ -94,6 +94,7 @@ def main() -> None:
 
     from chatbot.cli import LISTEN_BACKLOG, run
     from chatbot.patches import hypercorn as hypercorn_fixes
+    from chatbot.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -101,7 +102,11 @@ def main() -> None:
     args = parser.parse_args()
 
     config = Config()
-    hypercorn_fixes.install(config.websocket_max_message_size, deflate=False)
+    hypercorn_fixes.install(
+        config.websocket_max_message_size,
+        deflate=False,
+        close_linger_s=Settings().ws_close_linger_s,
+    )
     config.bind = [f"{args.host}:{args.port}"]
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None

@@ -119,7 +119,11 @@ def hypercorn_config(settings: Settings) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")  # through our handler and format
     # The frame limit, deflate and ping fixes live where Hypercorn reads the bytes.
     patches.verify()  # every patch, before the app's broker applies its own
-    hypercorn_fixes.install(settings.ws_max_message_bytes, deflate=settings.ws_permessage_deflate)
+    hypercorn_fixes.install(
+        settings.ws_max_message_bytes,
+        deflate=settings.ws_permessage_deflate,
+        close_linger_s=settings.ws_close_linger_s,
+    )
     return config
 
 

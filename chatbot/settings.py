@@ -53,6 +53,7 @@ class Settings:
     ws_ping_interval_s: float = 20.0
     ws_max_message_bytes: int = 64 * 1024
     ws_idle_timeout_s: float = 90.0
+    ws_close_linger_s: float = 30.0  # for a closed socket's client to take what it was sent
     ws_permessage_deflate: bool = False
     socket_backlog_bytes: int = 1024 * 1024
     session_ttl_s: int = 24 * 3600
@@ -158,6 +159,9 @@ class Settings:
             ws_permessage_deflate=reader.get("WS_PERMESSAGE_DEFLATE", _bool, False),
             ws_idle_timeout_s=reader.get(
                 "WS_IDLE_TIMEOUT_S", _non_negative(float), d.ws_idle_timeout_s
+            ),
+            ws_close_linger_s=reader.get(
+                "WS_CLOSE_LINGER_S", _positive(float), d.ws_close_linger_s
             ),
             ws_max_message_bytes=reader.get(
                 "WS_MAX_MESSAGE_BYTES", _positive(int), d.ws_max_message_bytes

@@ -102,7 +102,9 @@ async def test_a_closed_connection_leaves_no_reference_cycle_behind() -> None:
     from .support.waiting import wait_until
 
     settings = Settings(host="127.0.0.1", port=free_port(), demo_word_delay_s=0)
-    hypercorn_fixes.install(settings.ws_max_message_bytes, deflate=False)
+    hypercorn_fixes.install(
+        settings.ws_max_message_bytes, deflate=False, close_linger_s=settings.ws_close_linger_s
+    )
     app = create_app(settings)
     stop = asyncio.Event()
     server = asyncio.create_task(serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait))

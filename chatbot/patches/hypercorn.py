@@ -18,6 +18,21 @@ Hypercorn 0.18 has no setting for any of these (docs/security.md lists the attac
 - **Pongs are dropped.** A client that only listens (answering our pings) looked idle to the app.
   Every ping or pong received is passed on as an `ACTIVITY` message.
 - **permessage-deflate is always offered**; `EdgeGuard` declines it unless asked to accept it.
+- **Close frames thrown away by a reset.** Hypercorn closes a connection once its last bytes are
+  handed to the kernel, having stopped reading; a client that has not read them all yet (one that
+  stopped reading is closed with 1013 with megabytes queued for it) and sends anything meanwhile
+  (its library's keepalive ping, the pong to a ping of ours) makes the kernel answer with a reset
+  that throws away everything still queued for it, the close frame too (RFC 1122 4.2.2.13): it
+  sees 1006. `_close` shuts down writing and, while bytes of ours are still on their way, keeps
+  the connection reading (and dropping) what comes until the client closes its side, for at most
+  `WS_CLOSE_LINGER_S`; then resets it, which frees what the kernel holds for it too: a client
+  that has not read its close frame by then is taken for dead.
+- **Close frames stuck behind a ping.** Hypercorn's `protocol_send` holds one lock per connection
+  across both writing a frame and waiting for the client to drain it. To a client that stopped
+  reading, a ping of ours (every `WS_PING_INTERVAL_S`) or a pong to its ping waits for the
+  drain forever, holding the lock; the close frame after it then waits for the lock until the
+  app gives up (`CLOSE_TIMEOUT_S`), and is never written. `_send` writes each frame at once, in
+  the order sent, and only then waits, without the lock, for the client to drain it.
 - **Every closed connection is a reference cycle.** Hypercorn's `TCPServer` holds its protocol,
   which holds the server's `protocol_send`: ~40 objects per connection (and its buffers) that
   only the cyclic GC frees, which `chatbot serve` runs rarely over old objects
@@ -31,11 +46,16 @@ an upgrade cannot silently undo a fix (tests/test_patches.py tells which one mov
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+from contextlib import suppress
 from typing import Any, ClassVar
 
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data, StreamClosed
+from hypercorn.protocol.h11 import H11WSConnection
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -48,6 +68,13 @@ from . import UnsupportedUpstream, changed
 ACTIVITY: dict[str, Any] = {"type": "chatbot.websocket.activity"}
 # How long a connection whose frame was refused stays open for its close frame to be read.
 REFUSAL_LINGER_S = 1.0
+try:  # Linux's SIOCOUTQ: a socket's bytes not yet acknowledged by its peer
+    from fcntl import ioctl
+    from termios import TIOCOUTQ
+
+    SIOCOUTQ: int | None = TIOCOUTQ
+except ImportError:  # pragma: no cover - elsewhere a closing WebSocket always lingers
+    SIOCOUTQ = None
 
 # sha256 (first 16 hex digits) of the upstream source each fix replaces or relies on, as read
 # in hypercorn 0.18.0 and wsproto 1.3.2. A mismatch means: read the new source, re-check the fix.
@@ -59,6 +86,9 @@ FINGERPRINTS = {
     "wsproto FrameDecoder.process_buffer": "f19287e506f3178b",
     "wsproto FrameDecoder.parse_header": "ea1c4e4acf5fa1b3",
     "hypercorn TCPServer.run": "9437d01a916d887b",
+    "hypercorn TCPServer._close": "ea76225e14315206",
+    "hypercorn TCPServer._read_data": "8e7ad8f4bfca2fd2",
+    "hypercorn TCPServer.protocol_send": "06144915fc094c1b",
 }
 
 
@@ -71,6 +101,9 @@ def _upstream() -> dict[str, Any]:
         "wsproto FrameDecoder.process_buffer": FrameDecoder.process_buffer,
         "wsproto FrameDecoder.parse_header": FrameDecoder.parse_header,
         "hypercorn TCPServer.run": _ORIGINAL_RUN,
+        "hypercorn TCPServer._close": _ORIGINAL_CLOSE,
+        "hypercorn TCPServer._read_data": TCPServer._read_data,
+        "hypercorn TCPServer.protocol_send": _ORIGINAL_SEND,
     }
 
 
@@ -79,9 +112,10 @@ def changed_upstream() -> list[str]:
     return changed(FINGERPRINTS, _upstream)
 
 
-def install(max_message_bytes: int, *, deflate: bool) -> None:
+def install(max_message_bytes: int, *, deflate: bool, close_linger_s: float) -> None:
     """Apply every fix, for frames of at most `max_message_bytes` (after inflating), accepting
-    permessage-deflate only when `deflate`. Idempotent; the last call's limits win."""
+    permessage-deflate only when `deflate`, and letting a closed WebSocket connection linger
+    for at most `close_linger_s`. Idempotent; the last call's limits win."""
     changed = changed_upstream()
     if changed:
         raise UnsupportedUpstream(
@@ -89,6 +123,7 @@ def install(max_message_bytes: int, *, deflate: bool) -> None:
             f"these changed since: {', '.join(changed)}. Pin the old versions or review the fixes."
         )
     EdgeGuard.max_bytes, EdgeGuard.deflate = max_message_bytes, deflate
+    Linger.seconds = close_linger_s
     # Hypercorn builds its extensions in `Handshake.accept` as `[PerMessageDeflate()]`, by this
     # name in its module's namespace (imported there from wsproto): a fresh guard per connection.
     vars(ws_stream)["PerMessageDeflate"] = EdgeGuard
@@ -96,6 +131,8 @@ def install(max_message_bytes: int, *, deflate: bool) -> None:
     WSStream._send_pings = _send_pings  # type: ignore[method-assign]
     WSStream.handle = _handle  # type: ignore[method-assign]
     TCPServer.run = _serve_connection  # type: ignore[method-assign]
+    TCPServer._close = _close  # type: ignore[method-assign]
+    TCPServer.protocol_send = _send  # type: ignore[method-assign]
 
 
 class EdgeGuard(PerMessageDeflate):
@@ -169,8 +206,16 @@ class EdgeGuard(PerMessageDeflate):
         return super().frame_outbound(proto, opcode, rsv, data, fin)
 
 
+class Linger:
+    """How long a closed WebSocket connection may wait for its client (`WS_CLOSE_LINGER_S`)."""
+
+    seconds: ClassVar[float]
+
+
 _ORIGINAL = {name: getattr(WSStream, name) for name in ("_handle_events", "_send_pings", "handle")}
 _ORIGINAL_RUN = TCPServer.run
+_ORIGINAL_CLOSE = TCPServer._close
+_ORIGINAL_SEND = TCPServer.protocol_send
 
 
 async def _serve_connection(self: TCPServer) -> None:
@@ -180,7 +225,77 @@ async def _serve_connection(self: TCPServer) -> None:
     try:
         await _ORIGINAL_RUN(self)
     finally:
+        deadline = self.__dict__.get("_chatbot_linger")
+        if deadline is not None:
+            deadline.cancel()
         self.__dict__.clear()
+
+
+async def _send(self: TCPServer, event: Any) -> None:
+    """Hypercorn's `TCPServer.protocol_send`, without its lock: the bytes are written at once, so
+    in the order they are sent, and each sender then waits for the drain on its own. Beyond the
+    transport's high-water mark this buffers at most one frame per sending task (the app's,
+    the ping loop's, the read loop's pong or close)."""
+    if not isinstance(event, RawData):
+        return await _ORIGINAL_SEND(self, event)
+    try:
+        self.writer.write(event.data)
+        await self.writer.drain()
+    except (ConnectionError, RuntimeError):
+        await self.protocol.handle(Closed())
+
+
+async def _close(self: TCPServer) -> None:
+    """Hypercorn's `TCPServer._close`, lingering on a WebSocket connection whose client has not
+    taken all our bytes yet: writing is shut down (a FIN follows the close frame), and `run`'s
+    read loop, which drops what comes once the stream is closed, goes on until the client closes
+    its side; then `run` closes the connection. Reset after `Linger.seconds`."""
+    writer = self.writer
+    with suppress(NotImplementedError, OSError, RuntimeError):
+        writer.write_eof()
+    if _lingers(self):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the server is stopping: no time for it
+            _reset(writer)
+        else:
+            if "_chatbot_linger" not in self.__dict__:
+                self.__dict__["_chatbot_linger"] = self.loop.call_later(
+                    Linger.seconds, _reset, writer
+                )
+            if not self.reader.at_eof():
+                return  # `run`'s read loop ends at the client's EOF (or the reset) and closes
+    await _ORIGINAL_CLOSE(self)
+
+
+def _lingers(self: TCPServer) -> bool:
+    """Whether closing now could cost the client bytes of ours: a WebSocket connection still
+    open, with bytes in the transport's buffer or not yet acknowledged by the client."""
+    writer = self.writer
+    if writer.transport.is_closing():
+        return False
+    protocol = getattr(getattr(self, "protocol", None), "protocol", None)  # H11Protocol
+    if not isinstance(getattr(protocol, "connection", None), H11WSConnection):
+        return False
+    if writer.transport.get_write_buffer_size():
+        return True
+    if SIOCOUTQ is None:  # pragma: no cover - not Linux
+        return True
+    sock = writer.get_extra_info("socket")
+    try:
+        unacknowledged = ioctl(sock.fileno(), SIOCOUTQ, bytes(4))
+    except (AttributeError, OSError):  # pragma: no cover - not a TCP socket
+        return True
+    (count,) = struct.unpack("i", unacknowledged)
+    return bool(count > 0)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """End the connection at once with a reset, which also frees what the kernel still holds
+    for the client."""
+    sock = writer.get_extra_info("socket")
+    with suppress(AttributeError, OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def _handle_events(self: WSStream) -> None:

@@ -103,7 +103,8 @@ class Client:
 
     async def close(self, code: CloseCode, reason: str) -> None:
         """Close with `code`; a client that stopped reading may not take the close frame
-        either, so after CLOSE_TIMEOUT_S let go (the connection ends when the handler returns)."""
+        either, so after CLOSE_TIMEOUT_S let go: the frame stays queued behind what the client
+        has not read, and the connection lingers for it (`patches.hypercorn`, WS_CLOSE_LINGER_S)."""
         with suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._send({"type": "websocket.close", "code": code, "reason": reason})

@@ -173,16 +173,23 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def serving_pid(pids: list[int], port: int, peer_port: int) -> int | None:
-    """Which of `pids` holds the server end (local `port`) of the TCP connection from the
-    client port `peer_port` (Linux: /proc/net/tcp* for the socket, /proc/PID/fd for its owner)."""
-    inodes = set()
+def tcp_sockets(port: int, peer_port: int) -> list[str]:
+    """The inodes of the sockets (any state, any owner) with local `port` and remote
+    `peer_port` (Linux: /proc/net/tcp*); `[]` once the connection is gone from that end."""
+    inodes = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
             if (local, remote) == (port, peer_port):
-                inodes.add(f"socket:[{fields[9]}]")
+                inodes.append(fields[9])
+    return inodes
+
+
+def serving_pid(pids: list[int], port: int, peer_port: int) -> int | None:
+    """Which of `pids` holds the server end (local `port`) of the TCP connection from the
+    client port `peer_port` (Linux: /proc/net/tcp* for the socket, /proc/PID/fd for its owner)."""
+    inodes = {f"socket:[{inode}]" for inode in tcp_sockets(port, peer_port)}
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             try:
