@@ -319,20 +319,26 @@ class ChatService:
         """Append `piece` of the model's reply, in deltas that fit a socket's backlog; True when
         the reply reached MAX_REPLY_CHARS or MAX_REPLY_S (it then ends `length`): a model that
         never stops must not fill the broker (issue #13: 1.1 GB of Redis in 30 s)."""
-        settings = self.settings
-        room = settings.max_reply_chars - gen.chars
-        capped = len(piece) >= room or asyncio.get_running_loop().time() >= gen.cut_at
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        room = self.settings.max_reply_chars - gen.chars
+        capped = len(piece) >= room or started >= gen.cut_at
         piece = piece[:room]
         for start in range(0, len(piece), self._delta_chars):
             if start:
                 await asyncio.sleep(0)  # the sockets' senders take the last part first
+                started = loop.time()
             part = piece[start : start + self._delta_chars]
             gen.text.append(part)
             gen.chars += len(part)
             delta = protocol.delta_event(gen.lease.msg_id, part)
             # A retried append never doubles text (the token is this reply's own).
             key = f"{gen.lease.token}:{len(gen.text)}"
-            await self._outlast(self.broker.append, gen.session, delta, key)
+            append = self.broker.append
+            try:  # first here, not through _outlast: a coroutine less per delta
+                await append(gen.session, delta, key)
+            except BrokerUnavailable as exc:
+                await self._outlast(append, gen.session, delta, key, failed=(started, exc))
         return capped
 
     async def _finish(self, gen: _Generation, reason: protocol.DoneReason) -> None:
@@ -368,23 +374,33 @@ class ChatService:
         except (BrokerUnavailable, SessionExpired):
             log.error("could not record a reply error in session %s…", session[:6])
 
-    async def _outlast(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def _outlast(
+        self,
+        call: Callable[..., Awaitable[T]],
+        *args: Any,
+        failed: tuple[float, BrokerUnavailable] | None = None,
+    ) -> T:
         """A broker call that rides out a short outage (a Redis restart, a network blip) for up to
         one lease TTL. Longer, and the lease has lapsed anyway: the orphan sweep closes the reply.
+        `failed`: the caller's own first attempt, started at that loop time, raised that.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.lease_ttl_s
+        started, error = (loop.time(), None) if failed is None else failed
+        deadline = started + self.settings.lease_ttl_s
         delay = OUTAGE_RETRY_S[0]
         while True:
-            try:
-                return await call(*args)
-            except EpochChanged:
-                raise  # not an outage: the data changed, and a retry would write into the new
-            except BrokerUnavailable:
-                if loop.time() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, OUTAGE_RETRY_S[1])
+            if error is None:
+                try:
+                    return await call(*args)
+                except BrokerUnavailable as exc:
+                    error = exc
+            # EpochChanged is not an outage: the data changed, and a retry would write into the
+            # new data.
+            if isinstance(error, EpochChanged) or loop.time() + delay > deadline:
+                raise error
+            error = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OUTAGE_RETRY_S[1])
 
     async def _keep_leases(self) -> None:
         """Renew the lease of every reply this instance runs (or has queued), together: one
