@@ -31,10 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 20.0
 
 
+_issued: set[int] = set()  # never the same port twice: a server binds it only later
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _issued:
+            _issued.add(port)
+            return port
 
 
 def require_executable(name: str, *, package: str) -> str:
