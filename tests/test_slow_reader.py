@@ -43,6 +43,7 @@ def start_chatbot(fake: FakeOpenAIProcess, **env: str) -> ChatbotProcess:
             "OPENAI_API_KEY": "sk-test",
             "SOCKET_BACKLOG_BYTES": str(BACKLOG_BYTES),
             "MAX_REPLY_CHARS": str(2 * CHUNKS * PAD),  # the flood is ~6 MB of text: not cut short
+            "IP_TOKEN_BUDGET": "1000000000/day",  # each flood is 1.5M tokens, all from 127.0.0.1
             **env,
         }
     ).start()
@@ -168,6 +169,38 @@ async def test_a_stalled_client_gets_its_1013_when_it_reads_again_after_the_serv
     seqs = [f["seq"] for f in seen]
     assert seqs == list(range(1, len(seqs) + 1))
     assert 0 < len(text_of(seen)) < CHUNKS * PAD
+
+
+async def test_a_client_talking_while_its_socket_closes_is_let_go_once_it_has_read_its_close(
+    server: ChatbotProcess,
+) -> None:
+    """While the server waits for a stalled client to take its close frame, the client sends
+    more than the 10 messages Hypercorn holds for the app. They are dropped: the connection
+    still ends (a FIN after the close frame) as soon as the client has read everything."""
+    closes_before = server.output().count(CLOSED_FOR_STALLING)
+    before = await sockets_open(server)
+    # It waits as long as it takes for the server to end the connection after the close.
+    stalled, _ = await open_stalled(server, ping_interval=None, close_timeout=60)
+    client_port = stalled.local_address[1]
+    await stalled.send(json.dumps({"type": "message", "text": FLOOD}))
+
+    async def closing() -> bool:
+        return server.output().count(CLOSED_FOR_STALLING) > closes_before
+
+    async def let_go() -> bool:
+        return await sockets_open(server) <= before
+
+    async def connection_gone() -> bool:
+        return not tcp_sockets(server.port, client_port)
+
+    await wait_until(closing, timeout_s=30)
+    for _ in range(20):
+        await stalled.send(json.dumps({"type": "ping"}))
+    await wait_until(let_go, timeout_s=10)
+    seen, code = await read_to_close(stalled)
+    assert code == CloseCode.TRY_AGAIN_LATER
+    assert not any(f["type"] == "pong" for f in seen)  # after its close: dropped, not answered
+    await wait_until(connection_gone, timeout_s=10)
 
 
 async def test_a_client_that_never_reads_again_is_let_go_after_the_linger(

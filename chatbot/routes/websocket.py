@@ -104,10 +104,24 @@ class Client:
     async def close(self, code: CloseCode, reason: str) -> None:
         """Close with `code`; a client that stopped reading may not take the close frame
         either, so after CLOSE_TIMEOUT_S let go: the frame stays queued behind what the client
-        has not read, and the connection lingers for it (`patches.hypercorn`, WS_CLOSE_LINGER_S)."""
-        with suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        has not read, and the connection lingers for it (`patches.hypercorn`, WS_CLOSE_LINGER_S).
+
+        Meanwhile what the client sends is dropped unread: Hypercorn holds at most 10 of its
+        messages for the app, and once they are not taken, its read loop and the disconnect it
+        hands the app when the stream ends wait for ever: the connection was never closed."""
+        dropping = asyncio.ensure_future(self._drop_received())
+        try:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        finally:
+            dropping.cancel()
+            await asyncio.wait([dropping])
+
+    async def _drop_received(self) -> None:
+        with suppress(ClientGone):
+            while True:
+                await self.receive()
 
     async def refuse(
         self, scope: Scope, status: int, reason: str, retry_after_s: int | None = None

@@ -181,14 +181,15 @@ def children(pid: int) -> list[int]:
 
 
 def tcp_sockets(port: int, peer_port: int) -> list[str]:
-    """The inodes of the sockets (any state, any owner) with local `port` and remote
-    `peer_port` (Linux: /proc/net/tcp*); `[]` once the connection is gone from that end."""
+    """The inodes of the sockets a process holds with local `port` and remote `peer_port`
+    (Linux: /proc/net/tcp*); `[]` once that end has closed it (what the kernel alone keeps
+    afterwards, TIME_WAIT for one, has inode 0)."""
     inodes = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
-            if (local, remote) == (port, peer_port):
+            if (local, remote) == (port, peer_port) and fields[9] != "0":
                 inodes.append(fields[9])
     return inodes
 
