@@ -509,8 +509,19 @@ class RedisClusterBroker(RedisBroker):
             self._batchers[node.name] = Batcher(pool, self._settings.redis_timeout_s), pool
         return self._batchers[node.name][0]
 
+    async def _batcher_for(self, key: str) -> Batcher | None:
+        """The batcher of `key`'s master, once the slot map is read: the first calls wait for
+        it rather than go through the cluster client, whose per-node pools of
+        REDIS_MAX_CONNECTIONS refuse a burst (redis-py 8 raises MaxConnectionsError instead of
+        waiting)."""
+        batcher = self._batcher(key)
+        if batcher is None and not self._redis.nodes_manager.slots_cache:
+            await self._redis.initialize()  # once: redis-py's lock makes the rest wait for it
+            batcher = self._batcher(key)
+        return batcher
+
     async def _script_call(self, script: Any, keys: Sequence[str], args: list[Any]) -> Any:
-        batcher = self._batcher(keys[0])
+        batcher = await self._batcher_for(keys[0])
         if batcher is not None:
             try:
                 return await batcher.script(script, keys, args)
@@ -526,7 +537,7 @@ class RedisClusterBroker(RedisBroker):
     async def _command_call(self, *argv: Any) -> Any:
         # EVAL's key follows the script and the number of keys.
         key = argv[3] if argv[0] in ("EVAL", "EVALSHA") else argv[1]
-        batcher = self._batcher(key)
+        batcher = await self._batcher_for(key)
         if batcher is not None:
             try:
                 return await batcher.command(*argv)
