@@ -728,6 +728,8 @@ class RedisClusterBroker(RedisBroker):
                         await self._redis.initialize()
                         self._topology_read = True
                         await self._check_epoch()
+                if cancelling():  # redis-py took it for a failed node and read the next one
+                    raise asyncio.CancelledError
                 self._reroute()
                 failures = 0
                 if self._stale.is_set():  # a slot is not served yet (a master failing over)
