@@ -48,9 +48,10 @@ def redis_cluster() -> Iterator[RedisClusterProcess]:
     cluster.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def settings(request: pytest.FixtureRequest, fake: FakeOpenAI) -> Settings:
-    """App settings against the fake upstream, once per broker backend."""
+    """App settings against the fake upstream, once per broker backend: memory, one Redis,
+    a Redis Cluster (the session's, every master flushed)."""
     base = Settings(
         openai_base_url=fake.base_url,
         openai_api_key=API_KEY,
@@ -59,6 +60,11 @@ async def settings(request: pytest.FixtureRequest, fake: FakeOpenAI) -> Settings
     )
     if request.param == "memory":
         return base
+    if request.param == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        for master in cluster.masters:
+            master.command("FLUSHALL")
+        return base.replace(redis_url=cluster.url)
     server: RedisProcess = request.getfixturevalue("redis_server")
     async with aioredis.from_url(server.url) as admin:
         await admin.flushall()

@@ -46,7 +46,9 @@ async def test_health_and_readiness(app, settings: Settings) -> None:
     ready = await client.get("/readyz")
     body = await ready.get_json()
     assert body["status"] == "ready"
-    assert body["broker"]["backend"] == ("redis" if settings.redis_url else "memory")
+    scheme = settings.redis_url.partition("://")[0] if settings.redis_url else None
+    expected = {None: "memory", "redis": "redis", "redis+cluster": "redis-cluster"}[scheme]
+    assert body["broker"]["backend"] == expected
     assert body["demo"] is False
 
 
