@@ -60,15 +60,25 @@ async def settings(request: pytest.FixtureRequest, fake: FakeOpenAI) -> Settings
     )
     if request.param == "memory":
         return base
-    if request.param == "cluster":
+    return base.replace(redis_url=await _flushed(request, request.param))
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def redis_url(request: pytest.FixtureRequest) -> str:
+    """REDIS_URL of an empty shared Redis: one server, then a Redis Cluster (the session's)."""
+    return await _flushed(request, request.param)
+
+
+async def _flushed(request: pytest.FixtureRequest, kind: str) -> str:
+    if kind == "cluster":
         cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
         for master in cluster.masters:
             master.command("FLUSHALL")
-        return base.replace(redis_url=cluster.url)
+        return cluster.url
     server: RedisProcess = request.getfixturevalue("redis_server")
     async with aioredis.from_url(server.url) as admin:
         await admin.flushall()
-    return base.replace(redis_url=server.url)
+    return server.url
 
 
 AppFactory = Callable[..., Any]

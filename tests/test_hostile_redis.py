@@ -19,7 +19,7 @@ import websockets
 from chatbot.fake_openai import reply_chunks, reply_text
 
 from .support.frames import text_of
-from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisProcess
+from .support.procs import ChatbotProcess, FakeOpenAIProcess, RedisClusterProcess, RedisProcess
 
 TIMEOUT_S = 30.0
 
@@ -38,9 +38,12 @@ def redis() -> Iterator[RedisProcess]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def server(upstream: FakeOpenAIProcess, redis: RedisProcess) -> Iterator[ChatbotProcess]:
-    env = {"REDIS_URL": redis.url, "OPENAI_BASE_URL": upstream.base_url, "REDIS_TIMEOUT_S": "2"}
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def server(
+    request: pytest.FixtureRequest, upstream: FakeOpenAIProcess, redis: RedisProcess
+) -> Iterator[ChatbotProcess]:
+    url = redis.url if request.param == "redis" else request.getfixturevalue("redis_cluster").url
+    env = {"REDIS_URL": url, "OPENAI_BASE_URL": upstream.base_url, "REDIS_TIMEOUT_S": "2"}
     process = ChatbotProcess(env).start()
     yield process
     process.stop()
@@ -135,13 +138,16 @@ async def test_hostile_ids_on_every_entry_point_never_touch_a_neighbours_reply(
     assert "Traceback" not in log and "internal error" not in log
 
 
-@pytest.mark.parametrize("broker", ["memory", "redis"])
+@pytest.mark.parametrize("broker", ["memory", "redis", "cluster"])
 async def test_split_surrogate_pairs_from_the_model_arrive_as_unicode(
-    upstream: FakeOpenAIProcess, redis: RedisProcess, broker: str
+    request: pytest.FixtureRequest, upstream: FakeOpenAIProcess, redis: RedisProcess, broker: str
 ) -> None:
     env = {"OPENAI_BASE_URL": upstream.base_url, "REDIS_TIMEOUT_S": "2"}
     if broker == "redis":
         env["REDIS_URL"] = redis.url
+    elif broker == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        env["REDIS_URL"] = cluster.url
     process = ChatbotProcess(env).start()
     first, second, third = reply_chunks("emoji", 3)
     expected = first + "\U0001f600" + second + third + "\ufffd"
@@ -180,6 +186,8 @@ async def test_split_surrogate_pairs_from_the_model_arrive_as_unicode(
 async def test_an_address_over_its_rate_is_refused_before_any_lookup(
     upstream: FakeOpenAIProcess, redis: RedisProcess
 ) -> None:
+    # One Redis only: MONITOR sees one server's commands (the refusal happens before any call,
+    # whatever the backend).
     env = {"REDIS_URL": redis.url, "OPENAI_BASE_URL": upstream.base_url, "RATE_LIMIT_IP": "2/hour"}
     process = ChatbotProcess(env).start()
     unknown = "a-session-id-nobody-issued"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 from quart.testing.connections import WebsocketResponseError
 
 from chatbot.chat.limits import client_ip
@@ -13,7 +12,6 @@ from chatbot.fake_openai import FakeOpenAI
 from chatbot.settings import Settings
 
 from .conftest import Socket
-from .support.procs import RedisProcess
 
 
 @pytest.mark.parametrize(
@@ -118,13 +116,9 @@ async def test_http_chat_is_limited_per_ip_with_retry_after(app_with, settings) 
 
 
 async def test_limits_are_shared_by_instances_through_redis(
-    app_with, redis_server: RedisProcess, fake: FakeOpenAI
+    app_with, redis_url: str, fake: FakeOpenAI
 ) -> None:
-    async with aioredis.from_url(redis_server.url) as admin:
-        await admin.flushall()
-    limited = Settings(
-        openai_base_url=fake.base_url, redis_url=redis_server.url, rate_limit_ip="2/minute"
-    )
+    limited = Settings(openai_base_url=fake.base_url, redis_url=redis_url, rate_limit_ip="2/minute")
     async with app_with(limited) as one, app_with(limited) as two:
         codes = []
         for app in (one, two, one):

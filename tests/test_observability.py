@@ -182,10 +182,10 @@ async def test_the_queue_and_overload_refusals_are_visible(
 
 
 async def test_the_redis_canary_round_trip_is_measured(
-    app_with, redis_server: RedisProcess, fake: FakeOpenAI
+    app_with, redis_url: str, fake: FakeOpenAI
 ) -> None:
     settings = Settings(
-        openai_base_url=fake.base_url, redis_url=redis_server.url, redis_canary_interval_s=0.05
+        openai_base_url=fake.base_url, redis_url=redis_url, redis_canary_interval_s=0.05
     )
     async with app_with(settings) as app:
         before = await scrape(app)
