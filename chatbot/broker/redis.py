@@ -611,6 +611,8 @@ class RedisBroker(LocalFanOut):
         confirm_by = time.monotonic() + self._settings.redis_timeout_s
         while True:
             message = await pubsub.get_message(timeout=self._settings.redis_canary_interval_s)
+            if cancelling():  # redis-py can take a cancellation mid-read for a quiet read
+                raise asyncio.CancelledError
             if self._listening:
                 if time.monotonic() - self._last_canary > self._canary_deadline_s:
                     raise ConnectionError("canary overdue: the subscription went deaf")
@@ -662,6 +664,8 @@ class RedisBroker(LocalFanOut):
             await asyncio.sleep(self._settings.redis_canary_interval_s)
             with suppress(RedisError, OSError):
                 await self._redis.publish(channel, json.dumps({"canary": time.time()}))
+            if cancelling():  # a cancellation redis-py turned into a connection error
+                raise asyncio.CancelledError
             with suppress(BrokerUnavailable):
                 await self._check_epoch()
 
