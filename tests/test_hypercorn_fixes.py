@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ import websockets
 from chatbot.patches import hypercorn as hypercorn_fixes
 from chatbot.protocol import CloseCode
 
-from .support.procs import ChatbotProcess
+from .support.procs import ChatbotProcess, RedisProcess, tcp_sockets
 from .support.rawws import (
     BINARY,
     CONTINUATION,
@@ -27,6 +28,7 @@ from .support.rawws import (
     reset_peak_rss,
     status_kib,
 )
+from .support.waiting import wait_ready, wait_until
 
 MIB = 1024
 LIMIT = 65536  # WS_MAX_MESSAGE_BYTES's default
@@ -141,3 +143,34 @@ async def test_a_client_that_only_answers_pings_is_not_taken_for_idle() -> None:
         assert (code, reason) == (CloseCode.POLICY_VIOLATION, "idle: send a ping")
     finally:
         chatbot.stop()
+
+
+async def test_a_client_flooding_while_its_socket_closes_cannot_hold_the_connection() -> None:
+    """After the handler's close and before it returns (the socket place given back to Redis,
+    here held up by a paused Redis), a client sends far more than the 10 messages Hypercorn
+    holds for the app. Once the handler has returned, they are dropped: the connection ends."""
+    redis = RedisProcess().start()
+    env = {"REDIS_URL": redis.url, "WS_IDLE_TIMEOUT_S": "1", "REDIS_TIMEOUT_S": "2"}
+    server = ChatbotProcess({"DEMO_WORD_DELAY_S": "0", **env})
+    try:
+        server.start()
+        await wait_ready([server], 15)
+        client = await RawSocket.open(server.port)
+        client_port = client.writer.get_extra_info("sockname")[1]
+        assert json.loads(await client.read_text())["type"] == "ready"
+        redis.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            await client.read_until_close(timeout_s=15)  # idle: the handler closes
+            for _ in range(200):  # while the handler waits on Redis
+                await client.send(frame(TEXT, b'{"type":"ping"}'))
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+
+        async def connection_gone() -> bool:
+            return not tcp_sockets(server.port, client_port)
+
+        await wait_until(connection_gone, timeout_s=15)
+        client.close()
+    finally:
+        server.stop()
+        redis.stop()

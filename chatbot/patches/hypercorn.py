@@ -37,6 +37,12 @@ Hypercorn 0.18 has no setting for any of these (docs/security.md lists the attac
   which holds the server's `protocol_send`: ~40 objects per connection (and its buffers) that
   only the cyclic GC frees, which `chatbot serve` runs rarely over old objects
   (chatbot/collector.py). `_serve_connection` empties the server once its connection is done.
+- **Connections held by a client that floods once the app is done with it.** Hypercorn holds at
+  most 10 of a client's messages for the app (`max_app_queue_size`) and nobody takes them once
+  the app has returned: past them its read loop, and the disconnect it queues when the stream
+  ends, wait for ever, and the connection is never closed. The app drops what comes while it
+  closes (`routes.websocket.Client.close`), but not in its last awaits after that (the socket
+  place given back to Redis). `_handle` drops the client's messages once the app has returned.
 
 Each fix replaces a Hypercorn method or wsproto hook whose source was read for this; `install`
 checks those sources' fingerprints and refuses to start on a version they no longer match, so
@@ -51,10 +57,12 @@ import struct
 from contextlib import suppress
 from typing import Any, ClassVar
 
+from hypercorn.asyncio import task_group
+from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ws_stream
-from hypercorn.protocol.events import Data, StreamClosed
+from hypercorn.protocol.events import Data, Request, StreamClosed
 from hypercorn.protocol.h11 import H11WSConnection
 from hypercorn.protocol.ws_stream import FrameTooLargeError, Handshake, WSStream
 from wsproto.connection import ConnectionState
@@ -89,6 +97,8 @@ FINGERPRINTS = {
     "hypercorn TCPServer._close": "ea76225e14315206",
     "hypercorn TCPServer._read_data": "8e7ad8f4bfca2fd2",
     "hypercorn TCPServer.protocol_send": "06144915fc094c1b",
+    "hypercorn TaskGroup.spawn_app": "6606faaadfc368e3",
+    "hypercorn task_group._handle": "e37cfe3db06eb470",
 }
 
 
@@ -104,6 +114,8 @@ def _upstream() -> dict[str, Any]:
         "hypercorn TCPServer._close": _ORIGINAL_CLOSE,
         "hypercorn TCPServer._read_data": TCPServer._read_data,
         "hypercorn TCPServer.protocol_send": _ORIGINAL_SEND,
+        "hypercorn TaskGroup.spawn_app": TaskGroup.spawn_app,
+        "hypercorn task_group._handle": task_group._handle,
     }
 
 
@@ -362,11 +374,50 @@ async def _send_pings(self: WSStream) -> None:
 async def _handle(self: WSStream, event: Any) -> None:
     if isinstance(event, Data) and getattr(self, "_chatbot_refused", False):
         return  # the rest of a refused connection: dropped unread
+    if isinstance(event, Request):  # the handshake: the app is started with `self.app_send`
+        vars(self)["app_send"] = _AppDone(self, self.app_send)
     await _ORIGINAL["handle"](self, event)
+    if isinstance(event, Request) and self.app_put is not None:
+        self.app_put = _AppPut(self, self.app_put)
     if self.closed:
         for waiter in getattr(self, "_chatbot_sleepers", ()):
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class _AppDone:
+    """The app's `send`, which learns from Hypercorn's last call (`None`, once the app has
+    returned) that nobody will take the client's messages any more: those queued are dropped,
+    which frees the read loop if it waits for room, and `_AppPut` drops the next ones."""
+
+    __slots__ = ("send", "stream")
+
+    def __init__(self, stream: WSStream, send: Any) -> None:
+        self.stream, self.send = stream, send
+
+    async def __call__(self, message: Any) -> None:
+        if message is None:
+            vars(self.stream)["_chatbot_app_done"] = True
+            put = self.stream.app_put
+            queue = getattr(getattr(put, "put", put), "__self__", None)  # `spawn_app`'s queue
+            if isinstance(queue, asyncio.Queue):
+                while not queue.empty():
+                    queue.get_nowait()  # each wakes a sender waiting for room
+        await self.send(message)
+
+
+class _AppPut:
+    """Hypercorn's `app_put` (the app's queue, 10 messages), dropping what comes once the app has
+    returned."""
+
+    __slots__ = ("put", "stream")
+
+    def __init__(self, stream: WSStream, put: Any) -> None:
+        self.stream, self.put = stream, put
+
+    async def __call__(self, message: Any) -> None:
+        if not vars(self.stream).get("_chatbot_app_done", False):
+            await self.put(message)
 
 
 async def _sleep_unless_closed(self: WSStream, seconds: float) -> None:
