@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import weakref
 from contextlib import suppress
 from typing import Any, ClassVar
 
@@ -375,7 +376,7 @@ async def _handle(self: WSStream, event: Any) -> None:
     if isinstance(event, Data) and getattr(self, "_chatbot_refused", False):
         return  # the rest of a refused connection: dropped unread
     if isinstance(event, Request):  # the handshake: the app is started with `self.app_send`
-        vars(self)["app_send"] = _AppDone(self, self.app_send)
+        vars(self)["app_send"] = _AppDone(self, type(self).app_send)
     await _ORIGINAL["handle"](self, event)
     if isinstance(event, Request) and self.app_put is not None:
         self.app_put = _AppPut(self, self.app_put)
@@ -393,17 +394,22 @@ class _AppDone:
     __slots__ = ("send", "stream")
 
     def __init__(self, stream: WSStream, send: Any) -> None:
-        self.stream, self.send = stream, send
+        # The stream holds this: a weak reference to it and its class's `app_send` (not the bound
+        # method, which holds the stream), or every closed connection's objects would be a
+        # cycle left to the cyclic GC (see `_serve_connection`).
+        self.stream, self.send = weakref.ref(stream), send
 
     async def __call__(self, message: Any) -> None:
-        if message is None:
-            vars(self.stream)["_chatbot_app_done"] = True
-            put = self.stream.app_put
+        stream = self.stream()
+        if message is None and stream is not None:
+            vars(stream)["_chatbot_app_done"] = True
+            put = stream.app_put
             queue = getattr(getattr(put, "put", put), "__self__", None)  # `spawn_app`'s queue
             if isinstance(queue, asyncio.Queue):
                 while not queue.empty():
                     queue.get_nowait()  # each wakes a sender waiting for room
-        await self.send(message)
+        if stream is not None:
+            await self.send(stream, message)
 
 
 class _AppPut:
@@ -413,10 +419,12 @@ class _AppPut:
     __slots__ = ("put", "stream")
 
     def __init__(self, stream: WSStream, put: Any) -> None:
-        self.stream, self.put = stream, put
+        self.stream, self.put = weakref.ref(stream), put  # weak: as `_AppDone`'s
 
     async def __call__(self, message: Any) -> None:
-        if not vars(self.stream).get("_chatbot_app_done", False):
+        stream = self.stream()
+        if stream is not None and not vars(stream).get("_chatbot_app_done", False):
+            del stream
             await self.put(message)
 
 
