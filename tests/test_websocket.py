@@ -305,14 +305,16 @@ async def test_stop_works_whatever_the_message_id_holds(connect, fake: FakeOpenA
 
 
 async def test_a_message_to_an_expired_session_says_so_and_closes(app_with, settings) -> None:
-    async with app_with(settings.replace(session_ttl_s=1)) as app:
+    # Long enough that no gap within the first reply outlasts it on a loaded machine (1 s did,
+    # once, on the cluster: the session expired mid-reply), short enough to wait out.
+    async with app_with(settings.replace(session_ttl_s=3)) as app:
         client = app.test_client()
         async with client.websocket("/ws") as raw:
             ws = Socket(raw)
             ready = await ws.recv()
             await ws.send({"type": "message", "text": "stored now"})  # stored with its first
             await ws.until_done()
-            await asyncio.sleep(1.5)  # idle past SESSION_TTL_S: the behaviour under test
+            await asyncio.sleep(3.5)  # idle past SESSION_TTL_S: the behaviour under test
             await ws.send({"type": "message", "id": "late", "text": "still there?"})
             error = await ws.recv()
             assert (error["type"], error["code"], error["id"]) == (
