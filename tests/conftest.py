@@ -72,8 +72,7 @@ async def redis_url(request: pytest.FixtureRequest) -> str:
 async def _flushed(request: pytest.FixtureRequest, kind: str) -> str:
     if kind == "cluster":
         cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
-        for master in cluster.masters:
-            master.command("FLUSHALL")
+        cluster.flush()
         return cluster.url
     server: RedisProcess = request.getfixturevalue("redis_server")
     async with aioredis.from_url(server.url) as admin:

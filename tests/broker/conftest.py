@@ -15,7 +15,8 @@ from ..support.procs import RedisClusterProcess, RedisProcess
 from ..support.waiting import wait_until
 
 
-async def _ready(backend: Broker) -> bool:
+async def ready(backend: Broker) -> bool:
+    """What /readyz would say of `backend`."""
     return bool((await backend.check())["ok"])
 
 
@@ -39,7 +40,7 @@ async def started(settings: Settings, instance: str = "instance-a") -> Broker:
     controls = Controls()
     await backend.start(instance, controls)
     backend.controls = controls  # type: ignore[attr-defined]
-    await wait_until(lambda: _ready(backend), timeout_s=10)
+    await wait_until(lambda: ready(backend), timeout_s=10)
     return backend
 
 
@@ -56,8 +57,7 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     elif request.param == "cluster":
         cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
         settings = settings.replace(redis_url=cluster.url)
-        for master in cluster.masters:
-            master.command("FLUSHALL")
+        cluster.flush()
     backend = await started(settings)
     yield backend
     await backend.close()

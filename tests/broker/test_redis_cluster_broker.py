@@ -47,8 +47,7 @@ def master_of(cluster: RedisClusterProcess, session: str) -> RedisClusterNode:
 
 @pytest.fixture
 async def settings(redis_cluster: RedisClusterProcess) -> Settings:
-    for master in redis_cluster.masters:
-        master.command("FLUSHALL")
+    redis_cluster.flush()
     return SETTINGS.replace(redis_url=redis_cluster.url)
 
 

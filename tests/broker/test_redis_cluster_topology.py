@@ -18,7 +18,7 @@ from chatbot.protocol import delta_event
 
 from ..support.procs import RedisClusterProcess
 from ..support.waiting import wait_until
-from .conftest import SETTINGS, started
+from .conftest import SETTINGS, ready, started
 
 
 @pytest.fixture
@@ -60,10 +60,6 @@ async def texts_until(sub: Subscription, broker: Broker, session: str, last: int
             elif isinstance(item, Event) and item.seq == len(seen) + 1:
                 seen.append(item.data["text"])
     return seen
-
-
-async def ready(broker: Broker) -> bool:
-    return bool((await broker.check())["ok"])
 
 
 async def test_a_master_killed_mid_reply_its_replica_takes_over_and_no_event_is_lost(

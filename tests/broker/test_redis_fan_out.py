@@ -18,6 +18,7 @@ from chatbot.settings import Settings
 
 from ..support.procs import RedisProcess
 from ..support.waiting import wait_until
+from .conftest import ready
 from .test_contract import next_event
 
 
@@ -30,15 +31,11 @@ async def instances(server: RedisProcess, *names: str) -> AsyncIterator[list[Bro
     try:
         for name, broker in zip(names, brokers, strict=True):
             await broker.start(name, lambda message: None)
-            await wait_until(lambda b=broker: _ready(b))
+            await wait_until(lambda b=broker: ready(b))
         yield brokers
     finally:
         for broker in brokers:
             await broker.close()
-
-
-async def _ready(broker: Broker) -> bool:
-    return bool((await broker.check())["ok"])
 
 
 async def _members(server: RedisProcess, session: str) -> set[str]:
@@ -118,7 +115,7 @@ async def test_instances_join_their_sessions_again_after_a_redis_restart() -> No
             async with b.subscribe("s") as on_b:
                 server.restart()  # keeps nothing: the `subs` set is gone with the rest
                 await wait_until(lambda: _members_are(server, "s", {"inst-b"}), timeout_s=15)
-                await wait_until(lambda: _ready(a), timeout_s=15)
+                await wait_until(lambda: ready(a), timeout_s=15)
                 await a.create_session("s")
                 after = await a.append("s", delta_event("m", "after the restart"))
                 while (item := await next_item(on_b)) != after:

@@ -443,6 +443,11 @@ class RedisClusterProcess:
         ids = {v.id for v in view.values() if "master" in v.flags and v.slots}
         return [node for node in self.nodes if node.running and node.id in ids]
 
+    def flush(self) -> None:
+        """Empty every master (a test's fresh start on the session-wide cluster)."""
+        for master in self.masters:
+            master.command("FLUSHALL")
+
     @property
     def replicas(self) -> list[RedisClusterNode]:
         view = self._view()
