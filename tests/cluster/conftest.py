@@ -31,6 +31,19 @@ REDIS_KINDS = ("redis", "redis+cluster")
 ON_EVERY_REDIS = pytest.mark.parametrize("live", REDIS_KINDS, indirect=True)
 
 
+def instance_env(redis_url: str, fake_url: str, lease_s: float = LEASE_S) -> dict[str, str]:
+    """What an instance of a multi-instance test runs with: short leases, canaries and Redis
+    timeouts, so that faults show within seconds."""
+    return {
+        "REDIS_URL": redis_url,
+        "OPENAI_BASE_URL": fake_url,
+        "OPENAI_API_KEY": "sk-cluster-test",
+        "GENERATION_LEASE_S": str(lease_s),
+        "REDIS_CANARY_INTERVAL_S": "0.5",
+        "REDIS_TIMEOUT_S": "1",
+    }
+
+
 class Cluster:
     def __init__(self, redis_kind: str = "redis") -> None:
         self.redis: RedisProcess | RedisClusterProcess
@@ -40,15 +53,7 @@ class Cluster:
             self.redis = RedisProcess(durable=True).start()
         self.fake = FakeOpenAIProcess("--ttft-ms", "50", "--chunks", "5", "--interval-ms", "20")
         self.fake.start()
-        env = {
-            "REDIS_URL": self.redis.url,
-            "OPENAI_BASE_URL": self.fake.base_url,
-            "OPENAI_API_KEY": "sk-cluster-test",
-            "GENERATION_LEASE_S": str(LEASE_S),
-            "REDIS_CANARY_INTERVAL_S": "0.5",
-            "REDIS_TIMEOUT_S": "1",
-            "SHUTDOWN_GRACE_S": "10",
-        }
+        env = instance_env(self.redis.url, self.fake.base_url) | {"SHUTDOWN_GRACE_S": "10"}
         self.instances = [ChatbotProcess(env, name=f"chatbot-{n}") for n in (1, 2, 3)]
         for instance in self.instances:
             instance.start()

@@ -26,6 +26,7 @@ from chatbot.fake_openai import parse_prompt, reply_text
 from ..support.frames import Client, Frame, connect
 from ..support.procs import ChatbotProcess, FakeOpenAIProcess, RedisClusterProcess
 from ..support.waiting import wait_ready
+from .conftest import instance_env
 
 pytestmark = pytest.mark.cluster
 
@@ -49,13 +50,7 @@ class Deployment:
     def __init__(self) -> None:
         self.redis = RedisClusterProcess()
         self.fake = FakeOpenAIProcess("--ttft-ms", "50", "--chunks", "5", "--interval-ms", "20")
-        env = {
-            "REDIS_URL": self.redis.url,
-            "OPENAI_BASE_URL": self.fake.base_url,
-            "OPENAI_API_KEY": "sk-cluster-test",
-            "GENERATION_LEASE_S": str(LEASE_S),
-            "REDIS_CANARY_INTERVAL_S": "0.5",
-            "REDIS_TIMEOUT_S": "1",
+        env = instance_env(self.redis.url, self.fake.base_url, LEASE_S) | {
             # Every socket comes from one address.
             "RATE_LIMIT_IP": "100000/minute",
             "RATE_LIMIT_HANDSHAKES_IP": "100000/minute",
