@@ -244,3 +244,81 @@ def chatbot_env(port: int, fake_port: int, **extra: str) -> dict[str, str]:
 
 def python() -> str:
     return sys.executable
+
+
+class CpuShares:
+    """A CPU quota per process through the kernel's CFS bandwidth control: `confine(pid)` puts
+    a process in a cgroup of its own that may run `cores` of a core (e.g. 0.4) however idle the
+    machine is, so N processes can be given N equal "cores" on a machine that also runs their
+    load generator (bench.run --core-share). The period is short (10 ms), so a throttled process
+    waits at most a few ms at a time. cgroup v1's cpu controller, or v2's where it is enabled;
+    root only."""
+
+    PERIOD_US = 10_000
+
+    def __init__(self, cores: float, name: str) -> None:
+        if not 0 < cores <= len(os.sched_getaffinity(0)):
+            raise ValueError(f"a core share must be in (0, cpus], not {cores}")
+        self.cores = cores
+        v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.v2, self.root = False, v1 / name
+        elif "cpu" in (v2 / "cgroup.controllers").read_text(errors="replace").split():
+            self.v2, self.root = True, v2 / name
+        else:
+            raise RuntimeError("no cgroup cpu controller (CFS bandwidth) on this machine")
+        self.root.mkdir(exist_ok=True)
+        if self.v2:
+            (self.root / "cgroup.subtree_control").write_text("+cpu")
+        self.groups: list[Path] = []
+        self.pids: list[int] = []
+
+    def confine(self, pid: int) -> None:
+        group = self.root / f"p{pid}"
+        group.mkdir(exist_ok=True)
+        quota = int(self.cores * self.PERIOD_US)
+        if self.v2:
+            (group / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+        self.groups.append(group)
+        self.pids.append(pid)
+
+    def cpu_s(self) -> list[float]:
+        """CPU seconds of each confined process so far, in the order they were confined."""
+        return [Usage.of_pids([pid]).cpu_s for pid in self.pids]
+
+    def throttled_s(self) -> float:
+        """Seconds the confined processes were held back by their quota, added up."""
+        total = 0.0
+        for group in self.groups:
+            stat = dict(
+                line.split() for line in (group / "cpu.stat").read_text().splitlines() if line
+            )
+            if self.v2:
+                total += int(stat.get("throttled_usec", 0)) / 1e6
+            else:
+                total += int(stat.get("throttled_time", 0)) / 1e9
+        return total
+
+    def release(self) -> None:
+        """Remove the groups (their processes have exited or are moved back to the root)."""
+        parent = self.root.parent / "cgroup.procs"
+        for group in self.groups:
+            try:
+                for pid in (group / "cgroup.procs").read_text().split():
+                    parent.write_text(pid)
+                group.rmdir()
+            except OSError:
+                pass
+        self.groups.clear()
+        self.pids.clear()
+
+    def close(self) -> None:
+        self.release()
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass

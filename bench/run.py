@@ -35,6 +35,16 @@ the upstream connections the fake accepted during the load.
 By default the server under test is pinned to CPU 0 and the fake upstream and load generator to
 the other CPUs, so the server has a core of its own, as it would in production, and the client
 side cannot steal from it. Every load is bounded in sessions and time; see bench/loadgen.py.
+
+    python -m bench.run --core-share 0.5 --repeat 3 \
+        --only chatbot-redis:steady:120 --only chatbot-2w:steady:240
+
+gives each server process (each worker of ``chatbot-2w``, each instance of a pair) half a core
+by a CFS quota instead of pinning anything: two workers get two such "cores", one process one,
+and the load generator, the fake and Redis run beside them on what is left, so a machine with as
+few as 2 cores can show what a second worker adds without the client side taking its core.
+``--repeat`` runs the list that many times, interleaved, and judges each level by its median
+run.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import selectors
 import shlex
 import signal
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,9 +70,20 @@ from typing import Any
 from chatbot.fake_openai import self_signed_certificate
 
 from . import procs
-from .procs import ROOT, Server, Servers, Usage, free_port, machine_busy_s, python
+from .procs import (
+    ROOT,
+    CpuShares,
+    Server,
+    Servers,
+    Usage,
+    descendants,
+    free_port,
+    machine_busy_s,
+    python,
+)
 from .redis_budget import PAIRS, Store, snapshot, start_store, window
 from .report import (
+    HOLD_P99_OVERHEAD_S,
     Report,
     holds,
     keep_analysis,
@@ -117,7 +139,7 @@ class Bench:
         procs.NICE = args.nice
         self.run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
         cpus = sorted(os.sched_getaffinity(0))
-        pin = not args.no_pin and len(cpus) >= 2
+        pin = not args.no_pin and not args.core_share and len(cpus) >= 2
         self.server_cpus = frozenset(cpus[:1]) if pin else None
         self.client_cpus = frozenset(cpus[1:]) if pin else None
         self.shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -130,6 +152,10 @@ class Bench:
         self.digest = source_digest()
         self.profile: tuple[Path, int, int] | None = None  # (raw output, seconds, rate)
         self.store: Store | None = None  # the fresh Redis of a pair system's scenario
+        # --core-share: each server process gets that much of a core, by quota, not a pin.
+        self.shares = (
+            CpuShares(args.core_share, f"chatbot-bench-{os.getpid()}") if args.core_share else None
+        )
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -345,6 +371,8 @@ class Bench:
                 procs.append(_spawn_client(argv, self.client_cpus, self.run_dir))
                 outs.append(out)
             server = self.server(sc.system, fake, port, sc.server_deflate, port_b)
+            if self.shares is not None and server is not None:
+                self._confine(server, sc.system)
             for proc in procs:
                 _expect(proc, "loaded", 60)
                 _say(proc, "warm")
@@ -357,6 +385,8 @@ class Bench:
             fake_before = fake.usage()
             redis_before = self._redis_usage() if sc.system == "chatbot-redis" else None
             store_before = snapshot(self.store) if self.store else None
+            throttled_before = self.shares.throttled_s() if self.shares else 0.0
+            shares_before = self.shares.cpu_s() if self.shares else []
             busy_before, window_start = machine_busy_s(), time.monotonic()
             for proc in procs:
                 _say(proc, "go")
@@ -377,6 +407,12 @@ class Bench:
                     raise RuntimeError("the load generator overran its deadline") from None
             busy = machine_busy_s() - busy_before
             usage["window_s"] = time.monotonic() - window_start
+            if self.shares is not None:
+                usage["core_share"] = self.shares.cores
+                usage["throttled_s"] = self.shares.throttled_s() - throttled_before
+                # how the load split over the workers (or instances)
+                spent = zip(self.shares.cpu_s(), shares_before, strict=True)
+                usage["process_cpu_s"] = [after - before for after, before in spent]
             after = server.usage() if server else None
             fake_after = fake.usage()
             connections = self.fake_call(fake, "/_fake/stats")["connections_accepted"]
@@ -396,6 +432,8 @@ class Bench:
                     proc.wait(timeout=10)
             if server is not None:
                 server.stop()
+            if self.shares is not None:
+                self.shares.release()
             if self.store is not None:
                 self.store.stop()
                 self.store = None
@@ -417,6 +455,23 @@ class Bench:
         ours = sum(usage.get(k, 0.0) for k in mine)
         usage["other_cpu_s"] = max(0.0, busy - ours - raw["client_cpu_s"])
         return raw, usage
+
+    def _confine(self, server: Server | Servers, system: str) -> None:
+        """--core-share: each serving process into a CPU quota of its own; a `--workers N`
+        server's workers once all N run (its supervisor only waits on them)."""
+        for one in server.servers if isinstance(server, Servers) else [server]:
+            if system not in WORKERS:
+                assert self.shares is not None
+                self.shares.confine(one.pid)
+                continue
+            deadline = time.monotonic() + procs.START_TIMEOUT_S
+            while len(workers := descendants(one.pid)) < WORKERS[system]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{system}: {len(workers)} of its workers started")
+                time.sleep(0.05)
+            for pid in workers:
+                assert self.shares is not None
+                self.shares.confine(pid)
 
     def _spy(self, server: Server | None) -> subprocess.Popen[bytes] | None:
         """py-spy attached to the server for the first seconds of the load (bench.profile)."""
@@ -600,6 +655,10 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['redis_publishes'] / row['wall_s']:.0f} publishes/s"
         if row.get("redis_publishes") and row["wall_s"]
         else "",
+        f"{row['replies_per_s']:.0f} replies/s" if row.get("replies_per_s") else "",
+        f"share {row['core_share']:g} core/process, throttled {row['throttled_s']:.1f}s"
+        if "core_share" in row
+        else "",
         "HOLDS" if row["holds"] else "",
     ]
     return " | ".join(p for p in parts if p)
@@ -684,11 +743,17 @@ def build_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-other-cpu", type=float,
                         help="rerun a scenario if other programs used more cores")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--core-share", type=float, metavar="CORES",
+                        help="give each server process (each worker, each instance) this much "
+                        "of a core by a CFS quota instead of pinning (root only)")  # fmt: skip
     parser.add_argument("--out", help="markdown report (default docs/benchmarks.md, or "
                         "/tmp/bench-quick.md with --quick)")  # fmt: skip
     parser.add_argument("--json", help="also write every row as JSON here")
     parser.add_argument("--only", action="append", metavar="SYSTEM:PATTERN:N[:SHAPE]",
                         help="run just this scenario (repeatable); no report")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="with --only: run the list this many times, interleaved, and judge "
+                        "each level by its median run")  # fmt: skip
     parser.add_argument("--render", metavar="ROWS_JSON",
                         help="only re-render the report from a run's rows.json")  # fmt: skip
     args = parser.parse_args(argv)
@@ -732,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for fake in bench.fakes.values():
             fake.stop()
+        if bench.shares is not None:
+            bench.shares.close()
     if source_digest() != bench.digest:
         bench.notes.append(
             "chatbot/ changed while the benchmark ran (other work in progress): scenarios early "
@@ -793,22 +860,55 @@ def only(args: argparse.Namespace) -> int:
     bench = Bench(args)
     print(f"bench: logs in {bench.run_dir}", flush=True)
     try:
-        for spec in args.only:
+        for spec in args.only * args.repeat:  # interleaved: each round runs every spec once
             system, pattern, n, *rest = spec.split(":")
             shape = rest[0] if rest else "realistic"
             messages = args.steady_messages if pattern == "steady" else 1
-            if system == "upstream":
+            if n == "search":  # the highest level of --levels/--ladder that holds
+                bench.search(system, pattern, messages)
+            elif system == "upstream":
                 bench.bare(int(n), shape, pattern)
             else:
                 bench.run(Scenario(system, "ws", pattern, int(n), shape, messages=messages))
     finally:
         for fake in bench.fakes.values():
             fake.stop()
+        if bench.shares is not None:
+            bench.shares.close()
     json_path = Path(args.json) if args.json else bench.run_dir / "rows.json"
     meta = {"date": now(), "machine": machine(bench.digest), "notes": bench.notes}
     json_path.write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=1))
+    if args.repeat > 1:
+        print(levels_summary(bench.rows), flush=True)
     print(f"bench: rows in {json_path}", flush=True)
     return 1 if bench.failures else 0
+
+
+def levels_summary(rows: list[dict[str, Any]]) -> str:
+    """`--only … --repeat K`: each level's runs taken together. A steady level holds when its
+    median run does (p99 TTFD overhead within the bound, no run with errors): one run's p99 is
+    its few slowest replies, and one stall on the machine can move it past the bound. A burst
+    level holds when most of its runs did."""
+    runs: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["system"], r["pattern"], r["shape"], r["n"]), []).append(r)
+    lines = ["bench: levels over their runs (median; p99 TTFD overhead of each run)"]
+    for (system, pattern, shape, n), rs in sorted(runs.items()):
+        p99s = sorted(r["ttfd_overhead_p99_s"] or 0.0 for r in rs)
+        median_p99 = statistics.median(p99s)
+        held = sum(r["holds"] for r in rs)
+        if pattern == "steady":
+            ok = not any(r["errors"] for r in rs) and median_p99 <= HOLD_P99_OVERHEAD_S
+        else:  # a burst is judged against the bare upstream's own run: most runs must hold
+            ok = 2 * held > len(rs)
+        rate = statistics.median(r["replies_per_s"] for r in rs)
+        cpu = statistics.median(r["cpu_per_reply_ms"] or 0.0 for r in rs)
+        lines.append(
+            f"{system:>14} {pattern}/{shape} N={n:<5} {rate:6.1f} replies/s  "
+            f"p99 {median_p99 * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in p99s)})  "
+            f"cpu {cpu:.2f} ms/reply  {held}/{len(rs)} held" + ("  HOLDS" if ok else "")
+        )
+    return "\n".join(lines)
 
 
 def quick_plan(bench: Bench) -> None:
