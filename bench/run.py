@@ -902,9 +902,11 @@ def levels_summary(rows: list[dict[str, Any]]) -> str:
         else:  # a burst is judged against the bare upstream's own run: most runs must hold
             ok = 2 * held > len(rs)
         rate = statistics.median(r["replies_per_s"] for r in rs)
+        p50 = statistics.median(r["ttfd_overhead_p50_s"] or 0.0 for r in rs)
         cpu = statistics.median(r["cpu_per_reply_ms"] or 0.0 for r in rs)
         lines.append(
             f"{system:>14} {pattern}/{shape} N={n:<5} {rate:6.1f} replies/s  "
+            f"p50 {p50 * 1000:.0f} ms  "
             f"p99 {median_p99 * 1000:.0f} ms ({', '.join(f'{x * 1000:.0f}' for x in p99s)})  "
             f"cpu {cpu:.2f} ms/reply  {held}/{len(rs)} held" + ("  HOLDS" if ok else "")
         )
