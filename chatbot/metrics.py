@@ -86,6 +86,15 @@ RATE_LIMITED = Counter(
     "Requests refused by a rate limit, by the limit's scope.",
     ["scope"],
 )
+REFUSED_FRAMES = Counter(
+    "chatbot_refused_frames_total",
+    "Client frames on sockets answered with an `error` frame, by its code.",
+    ["code"],
+)
+PACED_SOCKETS = Counter(
+    "chatbot_paced_sockets_total",
+    "Sockets whose client sent frames faster than WS_FRAMES_PER_S, read no faster from then on.",
+)
 SLOW_READER_CLOSES = Counter(
     "chatbot_slow_reader_closes_total",
     "Sockets closed with 1013 because their client fell too far behind reading.",

@@ -54,6 +54,7 @@ class Settings:
     ws_max_message_bytes: int = 64 * 1024
     ws_idle_timeout_s: float = 90.0
     ws_close_linger_s: float = 30.0  # for a closed socket's client to take what it was sent
+    ws_frames_per_s: float = 20.0  # a socket's client frames read per second at most; 0: any
     ws_permessage_deflate: bool = False
     socket_backlog_bytes: int = 1024 * 1024
     session_ttl_s: int = 24 * 3600
@@ -163,6 +164,7 @@ class Settings:
             ws_close_linger_s=reader.get(
                 "WS_CLOSE_LINGER_S", _positive(float), d.ws_close_linger_s
             ),
+            ws_frames_per_s=reader.get("WS_FRAMES_PER_S", _non_negative(float), d.ws_frames_per_s),
             ws_max_message_bytes=reader.get(
                 "WS_MAX_MESSAGE_BYTES", _positive(int), d.ws_max_message_bytes
             ),

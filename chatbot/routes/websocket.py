@@ -36,6 +36,8 @@ PATH = "/ws"
 # Bound on closing a socket and on stopping its jobs: a stalled peer or a stuck job lets go.
 CLOSE_TIMEOUT_S = 2.0
 ACTIVITY_TYPE = ACTIVITY["type"]
+# A socket's refused frames that get a log line each; the rest are counted into one at its end.
+LOGGED_REFUSALS = 10
 FORWARDED_FOR = b"x-forwarded-for"  # every line of it, in order: `client_ip` says why
 
 Scope = dict[str, Any]
@@ -322,16 +324,29 @@ async def _receive_all(
     """Handle client frames until the client leaves (True) or has been silent for
     WS_IDLE_TIMEOUT_S (False: a peer that neither speaks nor pings is taken for dead). A
     WebSocket pong (the answer to the server's pings) or ping counts as speaking."""
-    max_chars = service.settings.max_message_chars
-    idle_s = service.settings.ws_idle_timeout_s or math.inf
+    settings = service.settings
+    max_chars = settings.max_message_chars
+    idle_s = settings.ws_idle_timeout_s or math.inf
     loop = asyncio.get_running_loop()
     watchdog = Watchdog(loop.time() + idle_s)
+    pace = Pace(settings.ws_frames_per_s, loop.time())
+    refusals = Refusals(session)
     try:
         while True:
             raw = await client.receive()
             if raw is not None:
                 watchdog.pause()  # only the client's silence counts, not our work on its frame
-                await _handle(raw, feed, service, session, ip, max_chars)
+                await _handle(raw, feed, service, session, ip, max_chars, refusals)
+                if wait_s := pace.wait_s(loop.time()):
+                    if not pace.held:
+                        pace.held = True
+                        metrics.PACED_SOCKETS.inc()
+                        log.info(
+                            "session %s…: its client sends more than %g frames/s: read no faster",
+                            session[:6],
+                            settings.ws_frames_per_s,
+                        )
+                    await asyncio.sleep(wait_s)
             watchdog.move_to(loop.time() + idle_s)
     except ClientGone:
         return True
@@ -341,10 +356,78 @@ async def _receive_all(
         raise
     finally:
         watchdog.cancel()
+        refusals.close()
+
+
+class Pace:
+    """How fast a socket's client frames are read: `per_s` a second, after a burst of as many.
+    Past that the reader waits before it takes the next frame, so Hypercorn's bounded queue of
+    received frames fills, Hypercorn stops reading the connection and TCP holds the client
+    back: a client flooding frames costs the instance what `per_s` frames cost, not a core, and
+    nothing it sent is dropped (docs/security.md). 0: no bound."""
+
+    __slots__ = ("_at", "_per_s", "_tokens", "held")
+
+    def __init__(self, per_s: float, now: float) -> None:
+        self._per_s = per_s
+        self._tokens = max(per_s, 1.0)
+        self._at = now
+        self.held = False  # once the client has been held back (logged once a socket)
+
+    def wait_s(self, now: float) -> float:
+        """A frame was read at `now`: how long to wait before reading the next one."""
+        if not self._per_s:
+            return 0.0
+        self._tokens = min(max(self._per_s, 1.0), self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._per_s
+
+
+class Refusals:
+    """A socket's refused frames in the log: the first LOGGED_REFUSALS a line each, the rest
+    counted by code into one line when the socket ends, so a client that sends bad frames on
+    purpose cannot fill the log (every one is in `chatbot_refused_frames_total`)."""
+
+    __slots__ = ("_logged", "_serious", "_session", "_unlogged")
+
+    def __init__(self, session: str) -> None:
+        self._session = session
+        self._logged = 0
+        self._unlogged: dict[str, int] | None = None
+        self._serious = False
+
+    def note(self, code: str, serious: bool, exc: ChatbotError) -> None:
+        metrics.REFUSED_FRAMES.labels(code=code).inc()
+        if self._logged < LOGGED_REFUSALS:
+            self._logged += 1
+            level = logging.WARNING if serious else logging.INFO
+            log.log(level, "session %s…: %s: %s", self._session[:6], code, exc)
+            return
+        if self._unlogged is None:
+            self._unlogged = {}
+        self._unlogged[code] = self._unlogged.get(code, 0) + 1
+        self._serious = self._serious or serious
+
+    def close(self) -> None:
+        if self._unlogged:
+            log.log(
+                logging.WARNING if self._serious else logging.INFO,
+                "session %s…: %d more refused frames not logged one by one (%s)",
+                self._session[:6],
+                sum(self._unlogged.values()),
+                ", ".join(f"{code} {n}" for code, n in sorted(self._unlogged.items())),
+            )
 
 
 async def _handle(
-    raw: str | bytes, feed: Feed, service: ChatService, session: str, ip: str, max_chars: int
+    raw: str | bytes,
+    feed: Feed,
+    service: ChatService,
+    session: str,
+    ip: str,
+    max_chars: int,
+    refusals: Refusals,
 ) -> None:
     """One client frame: answered, acted on, or refused with an error frame."""
     frame: protocol.ClientFrame | None = None
@@ -359,8 +442,7 @@ async def _handle(
     except ChatbotError as exc:
         ref = frame.id if isinstance(frame, protocol.SendMessage) else None
         answer = refusal(exc, ref=ref)
-        level = logging.WARNING if answer.serious else logging.INFO
-        log.log(level, "session %s…: %s: %s", session[:6], answer.code, exc)
+        refusals.note(answer.code, answer.serious, exc)
         feed.push_local(protocol.encode(protocol.refusal(answer)))
         if isinstance(exc, SessionExpired):
             feed.end()  # the sender sends the error, then the socket closes
