@@ -11,7 +11,7 @@ generates it, then costs no pub/sub traffic at all.
 
 Key layout (docs/scaling.md has the full story):
 
-    chatbot:s:{session}:meta   hash   seq (last seq); refreshed TTL on every event
+    chatbot:s:{session}:meta   hash   seq (last seq), the last append's and turn's operation keys
     chatbot:s:{session}:log    stream entry id "{seq}-0", field f = the frame; MAXLEN ~ N
     chatbot:s:{session}:hist   list   model context turns (JSON), trimmed to 2 x HISTORY_TURNS
     chatbot:s:{session}:subs   set    instances with local sockets on the session
@@ -24,6 +24,12 @@ Key layout (docs/scaling.md has the full story):
     chatbot:epoch              hash   id, clock: the dataset's epoch (redis_epoch.py)
     channel chatbot:e:{instance}      live events for one instance: "{session} {frame}"
     channel chatbot:i:{instance}      control messages for one instance (stop, canary)
+
+A session's keys never exist without a TTL of SESSION_TTL_S: the script that makes each one sets
+it (creating the session: meta; its first event: log, and the other three; a history turn: hist;
+a join: subs). An event refreshes all four together, but only once the log's TTL has run down by
+a second (`_append_one`), so a session lives SESSION_TTL_S after its last event, less at most a
+second.
 
 Every multi-step change is one Lua script, so seq order, log order and publish order agree, and
 clocks of different machines never matter (leases use Redis's TIME). Every change may run twice:
@@ -108,7 +114,13 @@ end
 
 
 # Appends one event: next seq, log entry, TTL refresh, fan-out; 0, appending nothing, when the
-# session does not exist (it expired, or Redis lost it: recreated, it would reuse seqs). ARGV[1]
+# session does not exist (it expired, or Redis lost it: recreated, it would reuse seqs). The TTLs
+# of the session's four keys are refreshed together only once the log's has run down by a second
+# (half a TTL, if shorter): 4 EXPIREs per event were a quarter of Redis's calls. The log's PTTL
+# is -2 when this XADD creates it, so that event sets every TTL. Since only this refresh sets the
+# log's TTL, a log that lost less than a second means every key that existed then still has at
+# least SESSION_TTL_S - 1 s; keys made since (history, subs) got their TTLs from the scripts that
+# made them. ARGV[1]
 # and ARGV[2] are the frame's JSON before and after the seq value, so the frame is built without
 # decoding JSON in Lua. ARGV[5] is the event's idempotency key ('' for none): the same key as the
 # last append returns that append's seq and does nothing (a retry of a call whose answer was lost).
@@ -133,8 +145,12 @@ end
 redis.call('HSET', KEYS[1], 'key', ARGV[5])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local frame = ARGV[1] .. seq .. ARGV[2]
+local ttl_ms = tonumber(ARGV[4]) * 1000
+local left_ms = redis.call('PTTL', KEYS[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+if left_ms < ttl_ms - math.min(1000, ttl_ms / 2) then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+end
 """
         + _fan_out(subs="KEYS[4]", frame="frame", writer="ARGV[6]", session="ARGV[7]", **fan_out)
         + "return seq\n"

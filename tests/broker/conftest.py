@@ -44,20 +44,25 @@ async def started(settings: Settings, instance: str = "instance-a") -> Broker:
     return backend
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+async def backend_settings(request: pytest.FixtureRequest, kind: str) -> Settings:
+    """SETTINGS for the backend `kind` ("memory", "redis", "cluster"), its Redis emptied."""
     settings = SETTINGS
-    if request.param == "redis":
+    if kind == "redis":
         server: RedisProcess = request.getfixturevalue("redis_server")
         settings = settings.replace(redis_url=server.url)
         import redis.asyncio as aioredis
 
         async with aioredis.from_url(server.url) as admin:
             await admin.flushall()
-    elif request.param == "cluster":
+    elif kind == "cluster":
         cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
         settings = settings.replace(redis_url=cluster.url)
         cluster.flush()
-    backend = await started(settings)
+    return settings
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    backend = await started(await backend_settings(request, request.param))
     yield backend
     await backend.close()
