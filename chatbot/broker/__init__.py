@@ -30,6 +30,7 @@ from .base import (
     Subscription,
     Tasks,
     cancelling,
+    expiry_slack_s,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "Tasks",
     "backend",
     "cancelling",
+    "expiry_slack_s",
     "open_broker",
 ]
 

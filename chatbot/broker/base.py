@@ -36,6 +36,13 @@ SUBSCRIPTION_MAX_BYTES: Final = 1024 * 1024
 GONE: Final = "this session is gone (expired, or lost by the server); start a new one"
 
 
+def expiry_slack_s(ttl_s: float) -> float:
+    """How much sooner than `ttl_s` (SESSION_TTL_S) after its last event a session may expire:
+    Redis refreshes its TTLs only once they have run down this much, not on every event
+    (redis.py, `_append_one`, which computes the same)."""
+    return min(1.0, ttl_s / 2)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One logged conversation event. `frame` is its JSON text, encoded once for every socket."""

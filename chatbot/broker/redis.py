@@ -116,17 +116,17 @@ end
 # Appends one event: next seq, log entry, TTL refresh, fan-out; 0, appending nothing, when the
 # session does not exist (it expired, or Redis lost it: recreated, it would reuse seqs). The TTLs
 # of the session's four keys are refreshed together only once the log's has run down by a second
-# (half a TTL, if shorter): 4 EXPIREs per event were a quarter of Redis's calls. The log's PTTL
-# is -2 when this XADD creates it, so that event sets every TTL. Since only this refresh sets the
-# log's TTL, a log that lost less than a second means every key that existed then still has at
-# least SESSION_TTL_S - 1 s; keys made since (history, subs) got their TTLs from the scripts that
-# made them. ARGV[1]
-# and ARGV[2] are the frame's JSON before and after the seq value, so the frame is built without
-# decoding JSON in Lua. ARGV[5] is the event's idempotency key ('' for none): the same key as the
-# last append returns that append's seq and does nothing (a retry of a call whose answer was lost).
-# The last key is the epoch's hash and the last argument the highest clock the writer saw: a lower
-# clock means Redis went back to older data under a connection that stayed open (redis_epoch.py),
-# and the script returns -1, appending nothing.
+# (half a TTL, if shorter: `expiry_slack_s`): 4 EXPIREs on every event were a quarter of Redis's
+# calls. The log's PTTL is -2 when this XADD makes it, so that event sets every TTL. Only this
+# refresh sets the log's TTL: a log that lost less than a second means every key that existed
+# then still has at least SESSION_TTL_S - 1 s, and keys made since (history, subs) got theirs
+# from the scripts that made them. ARGV[1] and ARGV[2] are the frame's JSON before and after the
+# seq value, so the frame is built without decoding JSON in Lua. ARGV[5] is the event's
+# idempotency key ('' for none): the same key as the last append returns that append's seq and
+# does nothing (a retry of a call whose answer was lost). The last key is the epoch's hash and the
+# last argument the highest clock the writer saw: a lower clock means Redis went back to older
+# data under a connection that stayed open (redis_epoch.py), and the script returns -1, appending
+# nothing.
 _CURRENT = """
 if tonumber(redis.call('HGET', KEYS[#KEYS], 'clock') or 0) < tonumber(ARGV[#ARGV]) then
   return -1

@@ -107,7 +107,7 @@ from ..patches.limits import batch_sliding_window_scripts
 from ..patches.redis import ask_on_one_connection, pack_command, streams
 from ..protocol import new_id
 from ..settings import Settings
-from .base import RESYNC, Broker, Event, Lease, cancelling
+from .base import RESYNC, Broker, Event, Lease, cancelling, expiry_slack_s
 from .redis import (
     _CURRENT,
     _NOW_MS,
@@ -398,7 +398,8 @@ class RedisClusterBroker(RedisBroker):
         self._last_seq, self._create_marked = register(_LAST_SEQ), register(_CREATE)
         self._register, self._new_epoch = register(_REGISTER), register(_NEW_EPOCH)
         # Epoch checks: the slots this instance registered, and per session it writes the last
-        # seq it wrote there and when (the session lives SESSION_TTL_S past that).
+        # seq it wrote there and when (the session lives SESSION_TTL_S past that, less at most
+        # `expiry_slack_s`).
         self._registered: set[int] = set()
         self._seen: dict[str, tuple[int, float]] = {}
         # Pub/sub: the channels this instance hears (-> the session each serves, None for the
@@ -453,7 +454,9 @@ class RedisClusterBroker(RedisBroker):
 
     def _guard(self, session: str) -> tuple[str, int]:
         seen = self._seen.get(session)
-        fresh = seen is not None and time.monotonic() - seen[1] < self._settings.session_ttl_s
+        # Past the earliest the session may have expired, its seq may be gone: no guard then.
+        ttl_s = self._settings.session_ttl_s
+        fresh = seen is not None and time.monotonic() - seen[1] < ttl_s - expiry_slack_s(ttl_s)
         return _session_keys(session)[0], seen[0] if seen is not None and fresh else 0
 
     def _finish_keys(self, session: str) -> list[str]:
