@@ -14,9 +14,11 @@ import pytest
 import redis
 
 from chatbot.broker import Broker, Lease
+from chatbot.errors import SessionExpired
 from chatbot.protocol import delta_event, done_event, user_event
 
 from ..support.procs import RedisClusterProcess, RedisProcess
+from ..support.waiting import wait_until
 from .conftest import backend_settings, started
 
 SESSION = "ttl-session"
@@ -143,13 +145,14 @@ async def test_a_session_kept_active_outlives_its_ttl_and_expires_a_ttl_after_it
         for n in range(10):  # an event every 0.5 s for 5 s: well past the TTL
             if n:
                 await asyncio.sleep(0.5)
+            sent = time.monotonic()
             await short_lived.append(SESSION, delta_event("m", f"{n}"))
         assert await short_lived.last_seq(SESSION) == 10
-        last = time.monotonic()  # (reading a memory session touches it: this is its last use)
-        if where is not None:  # alive at least SESSION_TTL_S - 1 s after its last event
-            await asyncio.sleep(last + ttl_s - 2 - time.monotonic())
+        used = time.monotonic()  # (reading a memory session touches it: its last use)
+        if where is not None:  # alive SESSION_TTL_S - 1 s after its last event (here 1 s less)
+            await asyncio.sleep(sent + ttl_s - 2 - time.monotonic())
             assert set(where.ttls_ms()) == {"meta", "log"}
-        await asyncio.sleep(last + ttl_s + 1.2 - time.monotonic())  # letting the TTL pass
+        await asyncio.sleep(used + ttl_s + 1.2 - time.monotonic())  # letting the TTL pass
         assert await short_lived.last_seq(SESSION) is None
         if where is not None:
             assert where.ttls_ms() == {}
@@ -181,3 +184,31 @@ async def test_a_lease_kept_with_its_session_has_a_ttl_past_its_deadline(
         await asyncio.sleep(0.1)  # let the lease's deadline pass
         assert [s for s, _ in await short_lived.claim_expired("instance-a", 5)] == [SESSION]
         assert_lease_ttl(5)
+
+
+@pytest.mark.parametrize(("kind", "ttl_s"), [("cluster", 3)])
+async def test_an_append_to_a_session_expired_a_second_early_is_session_expired_not_a_new_epoch(
+    request: pytest.FixtureRequest, short_lived: Broker, kind: str, ttl_s: int
+) -> None:
+    """The cluster's writer guards an append with the seq it last wrote there, while the session
+    may still live. Its last event skipped the refresh, so the session expired up to a second
+    before SESSION_TTL_S had passed: its seq is gone because the session is, not because the
+    shard went back to older data."""
+    where = stored(request, kind, SESSION)
+    assert where is not None
+    async with asyncio.timeout(30):
+        await short_lived.create_session(SESSION)
+        await short_lived.append(SESSION, user_event("m", "hi"))  # refreshes the TTLs
+        await asyncio.sleep(0.6)
+        await short_lived.append(SESSION, delta_event("m", "a"))  # skips the refresh
+        last = time.monotonic()
+
+        async def expired() -> bool:
+            return where.ttls_ms() == {}
+
+        await wait_until(expired, timeout_s=10)
+        assert time.monotonic() < last + ttl_s  # before SESSION_TTL_S after its last event
+        epoch = short_lived.epoch
+        with pytest.raises(SessionExpired):
+            await short_lived.append(SESSION, delta_event("m", "b"))
+        assert short_lived.epoch == epoch
