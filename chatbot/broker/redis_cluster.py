@@ -28,11 +28,11 @@ Key and slot layout (`{x}` is a hash tag: keys with the same tag share a slot, s
     chatbot:task:{T}            string an HTTP ask API task (its own slot)
     chatbot:limits:{...}        the rate limits' sliding windows (`limits` tags each key)
 
-Every key of session S has a TTL, as on one Redis (redis.py): meta, log, hist and subs the
-same, and the lease SESSION_TTL_S past its deadline. So a session costs its shard what it costs
-one Redis, and sessions spread over the shards by their ids. The `{chatbot}` shard carries,
-besides its share of sessions, what every instance shares: liveness, counters (a socket's open
-and close each update one), the secret, the epoch.
+S's meta, log, hist and subs get and keep their TTLs as on one Redis (redis.py); its lease, like
+one Redis's lease keys, has none, so that a `volatile-*` eviction policy never takes a held one.
+So a session costs its shard what it costs one Redis, and sessions spread over the shards by
+their ids. The `{chatbot}` shard carries, besides its share of sessions, what every instance
+shares: liveness, counters (a socket's open and close each update one), the secret, the epoch.
 
 **Leases, per shard.** A session's lease lives in its own slot, so `finish` appends the `done`
 and releases the lease in one script, as on one Redis. For the orphan sweep, an instance writes
@@ -265,8 +265,6 @@ _PUBLISH = "return redis.call('SPUBLISH', KEYS[1], ARGV[1])"
 
 # Leases: KEYS[1] is the session's lease hash, ARGV[1] the lease, ARGV[2] a TTL in ms. The rules
 # are RedisBroker's (an expired lease blocks until claimed; its holder asking again is told yes).
-# Like every key of a session the hash has a TTL: SESSION_TTL_S (ARGV[3], ms) past the lease's
-# deadline, time enough for the sweep to claim an orphaned one.
 _ACQUIRE = (
     """
 local held = redis.call('HGET', KEYS[1], 'held')
@@ -275,7 +273,6 @@ if held then return held == ARGV[1] and 1 or 0 end
     + _NOW_MS
     + """
 redis.call('HSET', KEYS[1], 'held', ARGV[1], 'due', now + tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
 return 1
 """
 )
@@ -288,7 +285,6 @@ if redis.call('HGET', KEYS[1], 'held') ~= ARGV[1] then return 0 end
 local due = tonumber(redis.call('HGET', KEYS[1], 'due'))
 if due == nil or due <= now then return 0 end
 redis.call('HSET', KEYS[1], 'due', now + tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
 return 1
 """
 )
@@ -313,7 +309,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 
 """
 )
 # In the session's slot: {0} no lease; {1, due} held and not due; {2, due, lease} claimed for
-# ARGV[1] with token ARGV[2], for ARGV[3] ms (the hash kept ARGV[4] ms past that, as acquired).
+# ARGV[1] with token ARGV[2], for ARGV[3] ms.
 _CLAIM = (
     """
 local held = redis.call('HGET', KEYS[1], 'held')
@@ -327,7 +323,6 @@ local msg = string.match(held, '^[^|]*|(.*)|[^|]*$')
 local taken = ARGV[1] .. '|' .. msg .. '|' .. ARGV[2]
 due = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'held', taken, 'due', due)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
 return {2, due, taken}
 """
 )
@@ -643,21 +638,16 @@ class RedisClusterBroker(RedisBroker):
 
     # Leases, with their sessions; the index that the sweep walks, in buckets.
 
-    @property
-    def _kept_ms(self) -> int:
-        """How long a lease's hash outlives the lease's deadline (its TTL past it)."""
-        return self._settings.session_ttl_s * 1000
-
     async def acquire(self, session: str, lease: Lease, ttl_s: float) -> bool:
         ttl_ms = int(ttl_s * 1000)
         with _unavailable("acquiring a lease"):
             # Indexed first: a lease the sweep cannot find would block its session for good.
             await self._batched(self._index, (_bucket(session),), [session, ttl_ms])
-            args = [_lease_text(lease), ttl_ms, self._kept_ms]
+            args = [_lease_text(lease), ttl_ms]
             return bool(await self._batched(self._lease_acquire, (_lease_key(session),), args))
 
     async def renew(self, session: str, lease: Lease, ttl_s: float) -> bool:
-        args = [_lease_text(lease), int(ttl_s * 1000), self._kept_ms]
+        args = [_lease_text(lease), int(ttl_s * 1000)]
         with _unavailable("renewing a lease"):
             return bool(await self._batched(self._lease_renew, (_lease_key(session),), args))
 
@@ -689,7 +679,7 @@ class RedisClusterBroker(RedisBroker):
         claimed = []
         for i in range(0, len(flat), 2):
             session, score = flat[i], flat[i + 1]
-            args = [claimant, f"{token}{i // 2}", ttl_ms, self._kept_ms]
+            args = [claimant, f"{token}{i // 2}", ttl_ms]
             found = await self._batched(self._lease_claim, (_lease_key(session),), args)
             if found[0] == 2:
                 claimed.append((session, _lease_of(found[2])))

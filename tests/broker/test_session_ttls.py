@@ -1,6 +1,7 @@
 """A session's lifetime on every backend, and on Redis its keys' TTLs: every key of a session has
-one from the moment a script makes it, and an event refreshes them about once a second, not
-every time (redis.py, `_append_one`). Read on the redis-server that holds the session's keys."""
+one from the moment a script makes it (but the cluster's lease, which no eviction policy may
+take), and an event refreshes them about once a second, not every time (redis.py,
+`_append_one`). Read on the redis-server that holds the session's keys."""
 
 from __future__ import annotations
 
@@ -156,34 +157,6 @@ async def test_a_session_kept_active_outlives_its_ttl_and_expires_a_ttl_after_it
         assert await short_lived.last_seq(SESSION) is None
         if where is not None:
             assert where.ttls_ms() == {}
-
-
-@pytest.mark.parametrize(("kind", "ttl_s"), [("cluster", TTL_S)])
-async def test_a_lease_kept_with_its_session_has_a_ttl_past_its_deadline(
-    request: pytest.FixtureRequest, short_lived: Broker, kind: str, ttl_s: int
-) -> None:
-    """On the cluster a session's lease is a key of its own: acquired, renewed or claimed, it
-    lives SESSION_TTL_S past the lease's deadline."""
-    where = stored(request, kind, SESSION)
-    assert where is not None
-
-    def assert_lease_ttl(lease_s: float) -> None:
-        ttl_ms = where.ttls_ms()["lease"]
-        assert (TTL_S + lease_s) * 1000 - LATE_MS < ttl_ms <= (TTL_S + lease_s) * 1000, ttl_ms
-
-    async with asyncio.timeout(30):
-        await short_lived.create_session(SESSION)
-        lease = Lease("instance-a", "m", "t1")
-        assert await short_lived.acquire(SESSION, lease, 5)
-        assert_lease_ttl(5)
-        assert await short_lived.renew(SESSION, lease, 10)
-        assert_lease_ttl(10)
-        assert await short_lived.finish(SESSION, done_event("m", "stop"), lease)
-        assert "lease" not in where.ttls_ms()
-        assert await short_lived.acquire(SESSION, Lease("instance-dead", "m2", "t2"), 0.05)
-        await asyncio.sleep(0.1)  # let the lease's deadline pass
-        assert [s for s, _ in await short_lived.claim_expired("instance-a", 5)] == [SESSION]
-        assert_lease_ttl(5)
 
 
 @pytest.mark.parametrize(("kind", "ttl_s"), [("cluster", 3)])
