@@ -25,11 +25,11 @@ Key layout (docs/scaling.md has the full story):
     channel chatbot:e:{instance}      live events for one instance: "{session} {frame}"
     channel chatbot:i:{instance}      control messages for one instance (stop, canary)
 
-A session's keys never exist without a TTL of SESSION_TTL_S: the script that makes each one sets
-it (creating the session: meta; its first event: log, and the other three; a history turn: hist;
-a join: subs). An event refreshes all four together, but only once the log's TTL has run down by
-a second (`_append_one`), so a session lives SESSION_TTL_S after its last event, less at most a
-second.
+A session's keys never exist without a TTL of SESSION_TTL_S: the script that can make each one
+sets it (creating the session: meta; its first event: log, and the other three; a history turn:
+hist, and meta, whose `turn` it writes; a join: subs). An event refreshes all four together, but
+only once the log's TTL has run down by a second (`_append_one`), so a session lives
+SESSION_TTL_S after its last event, less at most a second (`expiry_slack_s`).
 
 Every multi-step change is one Lua script, so seq order, log order and publish order agree, and
 clocks of different machines never matter (leases use Redis's TIME). Every change may run twice:
