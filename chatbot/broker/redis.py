@@ -263,8 +263,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 
 # One history turn, atomically: append, keep the last ARGV[2] (negative), refresh the TTLs. ARGV[4]
 # is the turn's operation key ('' for none), remembered in the session's meta hash (KEYS[2]): the
-# same key as the last turn's is a retry, and adds nothing.
+# same key as the last turn's is a retry, and adds nothing. A session that is gone (expired, or
+# evicted between its reply's last event and this turn) gets no turn: writing its meta would bring
+# it back without a seq, and its next append would reuse seqs (the memory broker drops it too).
 _ADD_TURN = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 if ARGV[4] ~= '' then
   if redis.call('HGET', KEYS[2], 'turn') == ARGV[4] then return 0 end
   redis.call('HSET', KEYS[2], 'turn', ARGV[4])

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from chatbot.broker import Broker, Event, Lease
+from chatbot.errors import SessionExpired
 from chatbot.protocol import delta_event, done_event, user_event
 
 
@@ -182,6 +183,17 @@ async def test_history_keeps_the_last_turns(broker: Broker) -> None:
         {"role": "user", "content": "turn 4"},
         {"role": "assistant", "content": "turn 5"},
     ]
+
+
+async def test_a_turn_for_a_session_that_is_gone_is_dropped(broker: Broker) -> None:
+    # A reply's turns are written after its events: the session may have expired (or been
+    # evicted) in between. A turn must not bring it back half made: an append would reuse seqs.
+    await broker.add_turn("gone", "assistant", "late words", key="k1")
+    await broker.add_turn("gone", "assistant", "late words")
+    assert await broker.last_seq("gone") is None
+    assert await broker.history("gone") == []
+    with pytest.raises(SessionExpired):
+        await broker.append("gone", delta_event("m", "x"))
 
 
 async def test_signal_reaches_the_instance(broker: Broker) -> None:
