@@ -38,7 +38,7 @@ class LiveLog(EventLog, FanOut, Protocol):
 
 
 class Feed:
-    """Iterate for frames (JSON text) to send to one socket, in order.
+    """The frames (JSON text) to send to one socket, in order, one `step` at a time.
 
     Besides session events it carries this socket's own frames (`push_local`), so one sender
     writes everything and frames never interleave mid-write.
@@ -71,27 +71,15 @@ class Feed:
         return self._sub.overflowed
 
     def end(self) -> None:
-        """End the iteration once everything pushed before has been yielded."""
+        """End the feed (`step` returns None) once everything pushed before has been sent."""
         self._sub.push(_END)
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            got = self.step()
-            if isinstance(got, str):
-                return got
-            if got is None:
-                raise StopAsyncIteration
-            await got
 
     def step(self) -> str | Awaitable[object] | None:
         """What comes next, without waiting: a frame to send, None at the end, or something to
         await before stepping again (the next live event, a read of the log).
 
         The socket's sender steps the feed itself: a delta then costs it one wait on a future,
-        where iterating cost a coroutine for every layer (docs/benchmarks.md)."""
+        where an async iterator cost a coroutine for every layer (docs/benchmarks.md)."""
         while True:
             if self._notices:
                 notice = self._notices.pop()
