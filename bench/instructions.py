@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     fake.start()
     client = None
     try:
-        server.proc = _start(server)
+        server.start(timeout_s=START_TIMEOUT_S, answer_timeout_s=5.0)
         client = subprocess.Popen(
             loadgen, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -151,31 +150,6 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             client.kill()
         server.stop(timeout_s=30)
         fake.stop()
-
-
-def _start(server: Server) -> subprocess.Popen[bytes]:
-    with server.log.open("ab") as out:
-        proc = subprocess.Popen(
-            server.argv,
-            env=server.env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    server.proc = proc
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited:\n{server.tail()}")
-        try:
-            url = f"http://127.0.0.1:{server.port}{server.health_path}"
-            with urllib.request.urlopen(url, timeout=5):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{server.name} did not start:\n{server.tail()}")
 
 
 def _control(pid: int, *flags: str) -> None:

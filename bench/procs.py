@@ -71,7 +71,9 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> Server:
+    def start(self, timeout_s: float = START_TIMEOUT_S, answer_timeout_s: float = 2.0) -> Server:
+        """Start it and wait up to `timeout_s` until it answers (its health path within
+        `answer_timeout_s`, when it has one)."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -83,26 +85,26 @@ class Server:
                 start_new_session=True,
                 preexec_fn=lambda: _child_setup(self.cpus),
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
                 )
-            if self._answers():
+            if self._answers(answer_timeout_s):
                 return self
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"{self.name} did not start in {START_TIMEOUT_S} s:\n{self.tail()}")
+        raise TimeoutError(f"{self.name} did not start in {timeout_s} s:\n{self.tail()}")
 
-    def _answers(self) -> bool:
+    def _answers(self, timeout_s: float) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                 pass
             if self.health_path is None:
                 return True
             url = f"http://127.0.0.1:{self.port}{self.health_path}"
-            with urllib.request.urlopen(url, timeout=2) as reply:
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
                 return bool(reply.status == 200)
         except OSError:
             return False
