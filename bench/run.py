@@ -372,7 +372,7 @@ class Bench:
                 outs.append(out)
             server = self.server(sc.system, fake, port, sc.server_deflate, port_b)
             if self.shares is not None and server is not None:
-                self._confine(server, sc.system)
+                self._confine(self.shares, server, sc.system)
             for proc in procs:
                 _expect(proc, "loaded", 60)
                 _say(proc, "warm")
@@ -456,22 +456,19 @@ class Bench:
         usage["other_cpu_s"] = max(0.0, busy - ours - raw["client_cpu_s"])
         return raw, usage
 
-    def _confine(self, server: Server | Servers, system: str) -> None:
+    def _confine(self, shares: CpuShares, server: Server | Servers, system: str) -> None:
         """--core-share: each serving process into a CPU quota of its own; a `--workers N`
         server's workers once all N run (its supervisor only waits on them)."""
         for one in server.servers if isinstance(server, Servers) else [server]:
-            if system not in WORKERS:
-                assert self.shares is not None
-                self.shares.confine(one.pid)
-                continue
-            deadline = time.monotonic() + procs.START_TIMEOUT_S
-            while len(workers := descendants(one.pid)) < WORKERS[system]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{system}: {len(workers)} of its workers started")
-                time.sleep(0.05)
-            for pid in workers:
-                assert self.shares is not None
-                self.shares.confine(pid)
+            pids = [one.pid]
+            if system in WORKERS:
+                deadline = time.monotonic() + procs.START_TIMEOUT_S
+                while len(pids := descendants(one.pid)) < WORKERS[system]:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{system}: {len(pids)} of its workers started")
+                    time.sleep(0.05)
+            for pid in pids:
+                shares.confine(pid)
 
     def _spy(self, server: Server | None) -> subprocess.Popen[bytes] | None:
         """py-spy attached to the server for the first seconds of the load (bench.profile)."""
