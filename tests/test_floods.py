@@ -11,7 +11,6 @@ import re
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import websockets
 
@@ -20,12 +19,12 @@ from chatbot.routes.websocket import LOGGED_REFUSALS, Pace
 
 from .support.frames import text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess
-from .support.waiting import wait_until
+from .support.waiting import metric, wait_until
 
 FRAMES_PER_S = 20
 FLOOD_S = 4.0
 CHUNKS = 5
-PACED = "frames/s: read no faster"
+INVALID_JSON_REFUSED = 'chatbot_refused_frames_total{code="invalid_json"}'
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -49,13 +48,6 @@ def server() -> Iterator[ChatbotProcess]:
 def cpu_s(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-async def metric(server: ChatbotProcess, name: str) -> float:
-    async with httpx.AsyncClient(timeout=5) as http:
-        scraped = (await http.get(server.url + "/metrics")).text
-    values = [float(line.split()[-1]) for line in scraped.splitlines() if line.startswith(name)]
-    return sum(values)
 
 
 async def connect(server: ChatbotProcess) -> tuple[websockets.ClientConnection, dict]:
@@ -85,7 +77,7 @@ async def chat(server: ChatbotProcess, prompts: list[str]) -> list[str]:
 async def test_a_client_flooding_frames_is_read_at_its_pace_while_others_chat_unaffected(
     server: ChatbotProcess,
 ) -> None:
-    refused_before = await metric(server, 'chatbot_refused_frames_total{code="invalid_json"}')
+    refused_before = await metric(server, INVALID_JSON_REFUSED, absent=0.0)
     paced_before = await metric(server, "chatbot_paced_sockets_total")
     flooder, ready = await connect(server)
     tag = ready["session"][:6]
@@ -118,7 +110,11 @@ async def test_a_client_flooding_frames_is_read_at_its_pace_while_others_chat_un
     assert texts == [reply_text(p, CHUNKS) for p in prompts]
     # The flooder was read at its pace: a burst of FRAMES_PER_S, then FRAMES_PER_S a second.
     assert sent > 10 * FLOOD_S * FRAMES_PER_S  # it did send far faster than that
-    await wait_until(lambda: _true(answers >= FRAMES_PER_S * FLOOD_S * 0.5), timeout_s=10)
+
+    async def answered() -> bool:
+        return answers >= FRAMES_PER_S * FLOOD_S * 0.5
+
+    await wait_until(answered, timeout_s=10)
     assert answers <= FRAMES_PER_S * (elapsed + 1) + 5
     # What it cost the instance: far less than the core an unpaced flood takes (0.9-1.0).
     assert spent < 0.3 * elapsed, (spent, elapsed)
@@ -140,15 +136,11 @@ async def test_a_client_flooding_frames_is_read_at_its_pace_while_others_chat_un
     match = summary.search(output)
     assert match is not None
     unlogged = int(match.group(1))
-    refused = await metric(server, 'chatbot_refused_frames_total{code="invalid_json"}')
+    refused = await metric(server, INVALID_JSON_REFUSED, absent=0.0)
     assert refused - refused_before == LOGGED_REFUSALS + unlogged
     assert answers <= LOGGED_REFUSALS + unlogged  # some answers were still on their way
     assert len(re.findall(rf"session {tag}\S*: its client sends more than", output)) == 1
     assert await metric(server, "chatbot_paced_sockets_total") == paced_before + 1
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_burst_past_the_pace_is_answered_in_full_only_later(

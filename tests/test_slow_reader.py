@@ -8,7 +8,6 @@ import json
 import socket
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import websockets
 
@@ -17,7 +16,7 @@ from chatbot.protocol import CloseCode
 
 from .support.frames import text_of
 from .support.procs import ChatbotProcess, FakeOpenAIProcess, tcp_sockets
-from .support.waiting import wait_until
+from .support.waiting import metric, wait_until
 
 BACKLOG_BYTES = 256 * 1024
 # ~6 MB of delta frames in ~3 s: past the limit plus what the kernel buffers for a client that
@@ -97,10 +96,7 @@ async def read_to_close(ws: websockets.ClientConnection) -> tuple[list[dict], in
 
 
 async def sockets_open(server: ChatbotProcess) -> float:
-    async with httpx.AsyncClient(timeout=5) as http:
-        scraped = (await http.get(server.url + "/metrics")).text
-    (line,) = (s for s in scraped.splitlines() if s.startswith("chatbot_websockets_open "))
-    return float(line.split()[1])
+    return await metric(server, "chatbot_websockets_open ")
 
 
 async def test_a_stalled_reader_is_closed_and_resumes_while_fast_readers_get_everything(

@@ -29,6 +29,20 @@ async def readiness(server: ChatbotProcess) -> dict[str, Any]:
     return body
 
 
+async def metric(server: ChatbotProcess, sample: str, absent: float | None = None) -> float:
+    """The value of `sample` in the server's /metrics: the lines that start with it, added up
+    (a name alone adds up its labels; `name{label="x"}` or `"name "` picks one). A sample not
+    there fails the test, unless `absent` says what it then counts as (a labelled counter has
+    no line for a label it has not counted yet)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        scraped = (await http.get(server.url + "/metrics")).text
+    values = [float(line.split()[-1]) for line in scraped.splitlines() if line.startswith(sample)]
+    if not values and absent is not None:
+        return absent
+    assert values, f"no {sample!r} in /metrics"
+    return sum(values)
+
+
 async def wait_ready(servers: list[ChatbotProcess], timeout_s: float) -> float:
     """Seconds until every server's /readyz is 200; fails with their last answers after
     `timeout_s`."""
